@@ -80,6 +80,7 @@ class ScanBranch(nn.Module):
         self.A_log = nn.Parameter(torch.empty(inner, d_state))
         self.D = nn.Parameter(torch.empty(inner))
         self.A_log._no_weight_decay = self.D._no_weight_decay = True  # as in Mamba
+        self.initialize_weights()
 
     def forward(self, x, z, reverse, backend):
         """x, z: (N, E, L). reverse: scan and convolve from the last token to the first."""

@@ -118,7 +118,7 @@ def linear_scan(a, b, reverse=False):
     """
     length = b.shape[0]
     if length == 1:
-        return b
+        return b.clone()  # a new tensor, like every other case
     if length % 2:  # pad with the identity step (a = 1, b = 0) at the end; the scan's start is unchanged
         a, b = torch.cat([a, torch.ones_like(a[:1])]), torch.cat([b, torch.zeros_like(b[:1])])
         return linear_scan(a, b, reverse)[:length]

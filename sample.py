@@ -1,0 +1,132 @@
+"""Sample from a trained DiM: checkpoint -> PNG grid (images) or animated GIF grid (videos).
+
+    python sample.py --ckpt results/000-DiM-Ti-4-shapes/checkpoints/0003000.pt
+    python sample.py --ckpt PATH --sampler ddpm --num-sampling-steps 250 --cfg-scale 4 --class-labels 0 1 2
+
+The model is rebuilt from the arguments stored in the checkpoint; the EMA weights are used, as in
+DiT. For the shapes data set, --judge reports how many samples show the class that was asked for.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data import SHAPE_CLASSES, UserError, judge
+from diffusion import Diffusion, guided
+from dim import build_model
+
+
+def load_checkpoint(path):
+    """The checkpoint dict, or a UserError that says why this file is not one of ours."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, or one holding more than plain types
+        raise UserError(f"{path} is not a DiM checkpoint ({type(error).__name__}: {str(error)[:200]})") from None
+    if not isinstance(ckpt, dict) or not {"model", "ema", "args", "step"} <= set(ckpt):
+        raise UserError(f"{path} is not a DiM checkpoint (expected the keys model, ema, opt, args, step)")
+    return ckpt
+
+
+def model_from_args(args, info):
+    """Build the DiM that train.py trains for these arguments (a dict) and data set info."""
+    return build_model(args["model"], input_size=args["image_size"], in_channels=info["channels"],
+                       num_classes=info["num_classes"], num_frames=args["num_frames"], mixer=args["mixer"],
+                       scan_backend=args["scan"], grad_ckpt=args.get("grad_ckpt", False))
+
+
+@torch.no_grad()
+def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0, progress=False):
+    """Samples in [-1, 1] for the given labels: (N, C, H, W) or (N, T, C, H, W)."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    shape = (len(labels),) + ((cfg.num_frames,) if cfg.num_frames > 1 else ()) + \
+        (cfg.in_channels, cfg.input_size, cfg.input_size)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(shape, generator=generator).to(device)
+    diffusion = Diffusion(learn_sigma=cfg.learn_sigma).respaced(num_steps)
+    model_fn = guided(model, labels.to(device), cfg_scale, null_class=cfg.num_classes)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # the DDPM noise, without disturbing the caller's random stream
+    try:
+        run = diffusion.ddpm_sample if sampler == "ddpm" else diffusion.ddim_sample
+        return run(model_fn, noise, progress=progress).clamp(-1, 1)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def save_samples(samples, path, columns=None):
+    """A PNG grid of images, or an animated GIF grid of clips (one clip per cell)."""
+    samples = ((samples.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    clips = samples if samples.dim() == 5 else samples[:, None]              # (N, T, C, H, W)
+    n, frames, c, h, w = clips.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = -(-n // columns)
+    grid = torch.zeros(frames, c, rows * (h + 2), columns * (w + 2), dtype=torch.uint8)
+    for i in range(n):
+        top, left = (i // columns) * (h + 2) + 1, (i % columns) * (w + 2) + 1
+        grid[:, :, top:top + h, left:left + w] = clips[i]
+    pictures = [Image.fromarray(frame.permute(1, 2, 0).squeeze(-1).numpy()) for frame in grid]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if frames == 1:
+        pictures[0].save(path)
+    else:
+        pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=125, loop=0)
+    return path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    parser.add_argument("--num-sampling-steps", type=int, default=50, help="steps of the respaced process")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance; 1 = none")
+    parser.add_argument("--class-labels", type=int, nargs="+", default=None,
+                        help="labels to sample (default: every class in turn, --num-samples in all)")
+    parser.add_argument("--num-samples", type=int, default=36)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    parser.add_argument("--judge", action="store_true", help="shapes only: score samples against their labels")
+    parser.add_argument("--out", default=None, help="output file (default: next to the run's checkpoints)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    ckpt = load_checkpoint(args.ckpt)
+    train_args, info = ckpt["args"], ckpt["data_info"]
+    model = model_from_args(train_args, info)
+    model.load_state_dict(ckpt["model" if args.no_ema else "ema"])
+    model.to(args.device).eval()
+    num_classes = info["num_classes"]
+    labels = args.class_labels or [i % num_classes for i in range(args.num_samples)]
+    if min(labels) < 0 or max(labels) >= num_classes:
+        raise UserError(f"--class-labels must lie in [0, {num_classes - 1}] for this checkpoint")
+    labels = torch.tensor(labels)
+    samples = generate(model, labels, args.sampler, args.num_sampling_steps, args.cfg_scale, args.seed, progress=True)
+    video = samples.dim() == 5
+    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), "samples",
+                                   f"sample-{ckpt['step']:07d}-{args.sampler}{args.num_sampling_steps}"
+                                   f"-cfg{args.cfg_scale:g}.{'gif' if video else 'png'}")
+    save_samples(samples, out, columns=num_classes if len(labels) % num_classes == 0 else None)
+    print(f"wrote {len(labels)} {'clips' if video else 'images'} to {out}")
+    result = dict(path=out, samples=samples, labels=labels)
+    if args.judge:
+        if train_args["dataset"] != "shapes":
+            raise UserError("--judge only knows the shapes data set")
+        result["accuracy"] = (judge(samples) == labels).float().mean().item()
+        print(f"judged accuracy: {result['accuracy']:.3f} of samples show the requested class "
+              f"({', '.join(SHAPE_CLASSES)})")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as error:
+        sys.exit(f"error: {error}")

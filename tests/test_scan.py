@@ -1,0 +1,153 @@
+"""The parallel scan equals the sequential definition: values, gradients, dtypes, edge cases, memory."""
+
+import itertools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import scan
+from scan import linear_scan, selective_scan, selective_scan_ref
+
+OPTIONS = list(itertools.product([False, True], repeat=4))  # z, delta_bias, delta_softplus, reverse
+
+
+def make_inputs(batch, dim, length, state, dtype=torch.float64, seed=0, delta_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    return dict(u=randn(batch, dim, length), delta=(torch.rand(batch, dim, length, generator=g, dtype=torch.float64)
+                                                    * delta_scale).to(dtype),
+                A=-torch.rand(dim, state, generator=g, dtype=torch.float64).mul(2).add(0.1).to(dtype),
+                B=randn(batch, state, length), C=randn(batch, state, length), D=randn(dim),
+                z=randn(batch, dim, length), delta_bias=randn(dim) * 0.5)
+
+
+def select(inputs, use_z, use_bias):
+    x = dict(inputs)
+    if not use_z:
+        x.pop("z")
+    if not use_bias:
+        x.pop("delta_bias")
+    return x
+
+
+@pytest.mark.parametrize("use_z,use_bias,softplus,reverse", OPTIONS)
+def test_parallel_gradcheck(use_z, use_bias, softplus, reverse):
+    inputs = select(make_inputs(1, 2, 5, 3), use_z, use_bias)
+    names = list(inputs)
+
+    def fn(*tensors):
+        return selective_scan(**dict(zip(names, tensors)), delta_softplus=softplus, reverse=reverse,
+                              backend="parallel")
+
+    tensors = [t.requires_grad_() for t in inputs.values()]
+    assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 1000])
+@pytest.mark.parametrize("use_z,use_bias,softplus,reverse", OPTIONS)
+def test_parallel_equals_definition(length, use_z, use_bias, softplus, reverse):
+    inputs = select(make_inputs(2, 3, length, 4, seed=length), use_z, use_bias)
+    results = []
+    for backend in ("ref", "parallel"):
+        x = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y = selective_scan(**x, delta_softplus=softplus, reverse=reverse, backend=backend)
+        grads = torch.autograd.grad(y, list(x.values()), torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+        results.append((y, grads))
+    (y_ref, g_ref), (y_par, g_par) = results
+    torch.testing.assert_close(y_par, y_ref, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(inputs, g_par, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+def test_chunk_boundaries_do_not_matter(monkeypatch):
+    inputs = make_inputs(2, 3, 50, 4)
+    outputs = []
+    for chunk in (1, 3, 16, 64):
+        monkeypatch.setattr(scan, "CHUNK", chunk)
+        x = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y = selective_scan(**x, delta_softplus=True, reverse=True, backend="parallel")
+        outputs.append(torch.cat([y.flatten()] + [g.flatten() for g in torch.autograd.grad(y.sum(), list(x.values()))]))
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], rtol=1e-10, atol=1e-10)
+
+
+def test_linear_scan_closed_form():
+    a, b = torch.rand(9, 2, 3, dtype=torch.float64), torch.randn(9, 2, 3, dtype=torch.float64)
+    h, expected = torch.zeros(2, 3, dtype=torch.float64), []
+    for t in range(9):
+        h = a[t] * h + b[t]
+        expected.append(h)
+    torch.testing.assert_close(linear_scan(a, b), torch.stack(expected))
+    h, expected = torch.zeros(2, 3, dtype=torch.float64), []
+    for t in reversed(range(9)):
+        h = a[t] * h + b[t]
+        expected.append(h)
+    torch.testing.assert_close(linear_scan(a, b, reverse=True), torch.stack(expected[::-1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    inputs = make_inputs(2, 8, 200, 16, dtype=dtype)
+    y = selective_scan(**inputs, delta_softplus=True, backend="parallel")
+    assert y.dtype == dtype
+    y_ref = selective_scan_ref(**{k: v.float() for k, v in inputs.items()}, delta_softplus=True)
+    assert ((y.float() - y_ref).norm() / y_ref.norm()).item() < 1e-2
+    x = {k: v.clone().requires_grad_() for k, v in inputs.items() if v.dim() == 3}
+    y = selective_scan(**{**inputs, **x}, delta_softplus=True, backend="parallel")
+    y.float().sum().backward()
+    assert all(t.grad.dtype == dtype and torch.isfinite(t.grad.float()).all() for t in x.values())
+
+
+def test_large_delta_stays_finite_and_exact():
+    inputs = make_inputs(2, 4, 300, 8, delta_scale=20.0)  # delta up to 20
+    inputs["A"] = -torch.linspace(0.5, 16.0, 32, dtype=torch.float64).view(4, 8)  # A down to -16
+    inputs.pop("delta_bias")
+    for reverse in (False, True):
+        x = {k: v.float().requires_grad_() for k, v in inputs.items()}
+        y = selective_scan(**x, reverse=reverse, backend="parallel")
+        grads = torch.autograd.grad(y.sum(), list(x.values()))
+        assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+        y_ref = selective_scan_ref(**inputs, reverse=reverse)
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_memory_is_bounded_by_a_chunk():
+    batch, dim, length, state = 2, 256, 8192, 16
+    inputs = make_inputs(batch, dim, length, state, dtype=torch.float32)
+    x = {k: v.requires_grad_() for k, v in inputs.items()}
+    with LargestTensor() as tracker:
+        y = selective_scan(**x, delta_softplus=True, backend="parallel")
+        torch.autograd.grad(y.sum(), [x["u"], x["delta"], x["B"], x["C"]])
+    full = batch * dim * length * state  # 268 MB in fp32
+    assert tracker.largest <= full // 16, f"a tensor of {tracker.largest} elements (full: {full})"
+    assert tracker.largest >= batch * dim * length  # the tracker saw the (B, D, L) tensors
+
+
+def test_input_errors_name_the_argument():
+    inputs = make_inputs(2, 3, 10, 4)
+    wrong = dict(inputs, B=inputs["B"].transpose(1, 2))  # (batch, L, N) instead of (batch, N, L)
+    with pytest.raises(ValueError, match=r"B \(batch, N, L\) must have shape \(2, 4, 10\), got \(2, 10, 4\)"):
+        selective_scan(**wrong)
+    with pytest.raises(ValueError, match="delta_bias must have shape"):
+        selective_scan(**dict(inputs, delta_bias=torch.zeros(5)))
+    with pytest.raises(ValueError, match="backend='cuda-magic' is not one of"):
+        selective_scan(**inputs, backend="cuda-magic")

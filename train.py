@@ -1,0 +1,288 @@
+"""Train DiM: one code path for a laptop CPU, one GPU, or several with torchrun (DDP).
+
+    python train.py                                   # shapes, DiM-Ti/4, minutes on a CPU
+    python train.py --dataset folder --data-path DIR --model DiM-S/2 --image-size 64
+    torchrun --nproc_per_node=4 train.py --model DiM-XL/2 --dataset folder --data-path DIR
+    python train.py --resume auto                     # continue the newest run of this model and data
+
+DiT's recipe (AdamW, constant learning rate, no weight decay, EMA of the weights, label dropout for
+classifier-free guidance, the hybrid loss of diffusion.py), with what small-GPU work needs: bf16
+autocast, gradient clipping and checkpointing, exact resume, periodic EMA samples, a progress bar.
+A run lives in results/NNN-<model>-<dataset>/ with log.txt, checkpoints/NNNNNNN.pt and samples/.
+"""
+
+import argparse
+import copy
+import glob
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from data import DATASETS, UserError, make_dataset
+from diffusion import Diffusion
+from dim import PRESETS
+from sample import generate, load_checkpoint, model_from_args, save_samples
+
+ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must match to resume
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=DATASETS, default="shapes")
+    parser.add_argument("--data-path", default=None, help="folder of the data set (folder: <class>/<images>)")
+    parser.add_argument("--model", choices=list(PRESETS), default="DiM-Ti/4")
+    parser.add_argument("--mixer", choices=["mamba", "attention"], default="mamba",
+                        help="token mixer: mamba (DiM) or attention (the same model as DiT)")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the images the model sees")
+    parser.add_argument("--num-frames", type=int, default=1, help="frames per clip; 1 for images")
+    parser.add_argument("--global-batch-size", type=int, default=32, help="summed over all ranks")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (DiT: 1e-4 at batch 256)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--max-steps", type=int, default=2000)
+    parser.add_argument("--ema-decay", type=float, default=0.9999,
+                        help="EMA decay, warmed up as min(decay, (1 + step) / (10 + step))")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns it off")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                        help="autocast precision (default: bf16 on GPUs, fp32 on the CPU)")
+    parser.add_argument("--grad-ckpt", action="store_true", help="recompute each block in the backward pass")
+    parser.add_argument("--scan", choices=["auto", "parallel", "ref"], default="auto",
+                        help="selective-scan backend of scan.py")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--ckpt-every", type=int, default=1000)
+    parser.add_argument("--sample-every", type=int, default=1000)
+    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--resume", default=None,
+                        help="a checkpoint, a run folder (its newest checkpoint), or 'auto' (newest run "
+                             "of this --model and --dataset)")
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: 0 on CPU, 4 on GPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.txt)")
+    return parser.parse_args(argv)
+
+
+#################################################################################
+#                              Runs and checkpoints                             #
+#################################################################################
+
+def run_name(args):
+    return f"{args.model.replace('/', '-')}-{args.dataset}"
+
+
+def newest_checkpoint(run_dir):
+    found = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")))
+    if not found:
+        raise UserError(f"--resume: no checkpoints in {run_dir}/checkpoints")
+    return found[-1]
+
+
+def find_resume(args):
+    """The checkpoint --resume names: a file, a run folder, or 'auto'."""
+    if args.resume == "auto":
+        runs = sorted(glob.glob(os.path.join(args.results_dir, f"[0-9][0-9][0-9]-{run_name(args)}")))
+        if not runs:
+            raise UserError(f"--resume auto: no run of {run_name(args)} in {args.results_dir}/")
+        return newest_checkpoint(runs[-1])
+    if os.path.isdir(args.resume):
+        return newest_checkpoint(args.resume)
+    if not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume} does not exist")
+    return args.resume
+
+
+def save_checkpoint(path, model, ema, opt, args, step, info):
+    """Plain types only (loads with weights_only=True); written to a temporary file, then renamed,
+    so that a crash mid-write never leaves a broken checkpoint in place of a good one."""
+    ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), args=vars(args).copy(),
+                step=step, data_info=info, rng=dict(torch=torch.random.get_rng_state()))
+    if torch.cuda.is_available():
+        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = path + ".tmp"
+    torch.save(ckpt, temporary)
+    os.replace(temporary, path)
+
+
+class Logger:
+    """Lines to log.txt (rank 0) and above the progress bar."""
+
+    def __init__(self, run_dir):
+        self.file = open(os.path.join(run_dir, "log.txt"), "a") if run_dir else None
+
+    def __call__(self, message):
+        if self.file:
+            tqdm.write(message)
+            self.file.write(message + "\n")
+            self.file.flush()
+
+
+#################################################################################
+#                                 The training loop                             #
+#################################################################################
+
+def batches(dataset, local_batch, rank, world, seed, step, steps_per_epoch, workers):
+    """Endless batches, starting at `step`: each epoch is a DistributedSampler permutation fixed by
+    (seed, epoch), so a resumed run reads exactly the batches an uninterrupted one would have."""
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+    epoch, skip = divmod(step, steps_per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        indices = list(sampler)[skip * local_batch:]
+        loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=indices, drop_last=True,
+                                             num_workers=workers, generator=torch.Generator().manual_seed(seed + epoch),
+                                             persistent_workers=False, pin_memory=torch.cuda.is_available())
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach().float(), 1 - decay)
+
+
+def main(args):
+    # --- processes and devices: torchrun sets RANK; otherwise one process ---------------------
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    try:
+        return train(args, rank, world, local_rank)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, local_rank):
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.global_batch_size % world:
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks")
+    local_batch = args.global_batch_size // world
+
+    # --- checks that need no work, then the data and the model --------------------------------
+    resume = load_checkpoint(find_resume(args)) if args.resume else None
+    if resume is not None:
+        old = resume["args"]
+        different = [f"--{k.replace('_', '-')} {old[k]} (checkpoint) vs {getattr(args, k)} (now)"
+                     for k in ARCHITECTURE if old.get(k) != getattr(args, k)]
+        if different:
+            raise UserError("--resume: the checkpoint is of another model or data set: " + "; ".join(different))
+    dataset, info = make_dataset(args.dataset, args.data_path, args.image_size, args.num_frames, args.global_seed)
+    if len(dataset) < args.global_batch_size:
+        raise UserError(f"the data set has {len(dataset)} items, fewer than --global-batch-size {args.global_batch_size}")
+    try:
+        model = model_from_args(vars(args), info).to(device)
+    except ValueError as error:
+        raise UserError(f"--model {args.model} with --image-size {args.image_size}: {error}") from None
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.optimizer_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    diffusion = Diffusion(learn_sigma=model.cfg.learn_sigma)
+
+    step = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        ema.load_state_dict(resume["ema"])
+        opt.load_state_dict(resume["opt"])
+        step = resume["step"]
+        torch.random.set_rng_state(resume["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in resume["rng"]:
+            torch.cuda.set_rng_state(resume["rng"]["cuda"])
+    else:
+        torch.manual_seed(args.global_seed * world + rank)
+    ddp = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
+        if world > 1 else model
+
+    # --- the run folder (rank 0 writes; resuming continues the same folder) --------------------
+    run_dir = None
+    if rank == 0:
+        if resume is not None:
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(find_resume(args))))
+        else:
+            os.makedirs(args.results_dir, exist_ok=True)
+            taken = [int(m.group(1)) for d in os.listdir(args.results_dir) if (m := re.match(r"(\d{3})-", d))]
+            run_dir = os.path.join(args.results_dir, f"{max(taken, default=-1) + 1:03d}-{run_name(args)}")
+            os.makedirs(os.path.join(run_dir, "checkpoints"))
+    log = Logger(run_dir)
+    log(f"{'resumed at step ' + str(step) if step else 'started'}: {args.model} ({args.mixer}), "
+        f"{model.num_params() / 1e6:.2f} M parameters, {model.gmacs():.3f} GMACs per sample, "
+        f"{len(dataset)} items of {args.dataset}, {world} rank(s) on {device.type}, {precision}")
+
+    # --- the loop ------------------------------------------------------------------------------
+    steps_per_epoch = len(dataset) // args.global_batch_size
+    workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
+    data = batches(dataset, local_batch, rank, world, args.global_seed, step, steps_per_epoch, workers)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    model.train()
+    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0 or args.no_progress, desc="training")
+    losses, norms, last_time, last_step = [], [], time.time(), step
+    last_checkpoint = None
+    while step < args.max_steps:
+        x, y = next(data)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+        with autocast:
+            loss = diffusion.training_losses(lambda xt, tt: ddp(xt, tt, y).float(), x, t)["loss"].mean()
+        if not torch.isfinite(loss):
+            message = f"the loss is {loss.item()} at step {step + 1}: stopping."
+            if last_checkpoint or resume is not None:
+                message += f" The last good checkpoint is intact: {last_checkpoint or find_resume(args)}"
+            raise UserError(message + " Try a lower --lr, --grad-clip, or --precision fp32.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        opt.step()
+        update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        bar.update(1)
+        losses.append(loss.detach())
+        norms.append(norm.detach())
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            mean_loss = torch.stack(losses).mean()
+            if world > 1:
+                dist.all_reduce(mean_loss)
+                mean_loss /= world
+            rate = (step - last_step) / (time.time() - last_time)
+            log(f"step {step:7d}  loss {mean_loss.item():.4f}  steps/s {rate:.2f}  "
+                f"grad_norm {torch.stack(norms).mean().item():.3f}")
+            bar.set_postfix(loss=f"{mean_loss.item():.4f}")
+            losses, norms, last_time, last_step = [], [], time.time(), step
+        if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
+            labels = torch.arange(info["num_classes"]).repeat(max(1, 36 // info["num_classes"]))
+            samples = generate(ema, labels, "ddim", 50, cfg_scale=1.5, seed=args.global_seed)
+            path = save_samples(samples, os.path.join(run_dir, "samples", f"{step:07d}.{'gif' if args.num_frames > 1 else 'png'}"),
+                                columns=info["num_classes"])
+            log(f"step {step:7d}  samples (EMA, DDIM 50, guidance 1.5) in {path}")
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.max_steps):
+            last_checkpoint = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+            save_checkpoint(last_checkpoint, model, ema, opt, args, step, info)
+            log(f"step {step:7d}  checkpoint {last_checkpoint}")
+    bar.close()
+
+    if world > 1:  # DDP keeps the replicas equal; prove it
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        reference = flat.clone()
+        dist.broadcast(reference, 0)
+        difference = (flat - reference).abs().max()
+        dist.all_reduce(difference, op=dist.ReduceOp.MAX)
+        log(f"weights identical on all {world} ranks: {difference.item() == 0}")
+    return dict(run_dir=run_dir, step=step, model=model, ema=ema, checkpoint=last_checkpoint)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as error:
+        sys.exit(f"error: {error}")
