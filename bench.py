@@ -120,10 +120,16 @@ def bench_scan(args):
             torch.manual_seed(0)
             x = scan_inputs(args.batch, args.dim, length, args.state, dtype, device)
             grads = [x[k].requires_grad_() for k in ("u", "delta", "B", "C", "z")]
-            ref_y = None
-            variants = [(b, c) for b in args.backend for c in (args.chunk if b == "parallel" else [None])]
+            ref_y, ref_grads = None, None
+            dy = torch.randn(args.batch, args.dim, length, device=device, dtype=dtype)
+            options = dict(parallel=args.chunk, triton=args.triton_config)
+            variants = [(b, c) for b in args.backend for c in options.get(b, [None])]
             for backend, chunk in variants:
-                scan_module.CHUNK = chunk or scan_module.CHUNK
+                if backend == "parallel":
+                    scan_module.CHUNK = chunk
+                if backend == "triton":
+                    scan_module.TRITON_BLOCK_D, scan_module.TRITON_TILE, scan_module.TRITON_WARPS = \
+                        map(int, chunk.split("x"))
 
                 def forward():
                     with torch.no_grad():
@@ -138,13 +144,20 @@ def bench_scan(args):
                     with torch.no_grad():
                         ref_y = selective_scan_ref(**x, delta_softplus=True).float()
                 error = ((y - ref_y).norm() / ref_y.norm()).item()
+                grad_error = float("nan")
+                if backend != "ref":  # gradients against the first fast backend (the tests prove it exact)
+                    y = selective_scan(**x, delta_softplus=True, backend=backend)
+                    these = [g.float() for g in torch.autograd.grad(y, grads, dy)]
+                    ref_grads = ref_grads or these
+                    grad_error = max(((g - r).norm() / r.norm()).item() for g, r in zip(these, ref_grads))
+                    del y, these
                 repeats = 3 if backend == "ref" else args.repeats
                 fwd = timed(forward, repeats=repeats, warmup=1)
                 fwd_bwd = timed(forward_backward, repeats=repeats, warmup=1)
                 memory = peak_memory_gb(forward_backward)
-                name = f"{backend}(Q={chunk})" if chunk else backend
+                name = f"{backend}({chunk})" if chunk else backend
                 row = dict(backend=name, dtype=dtype_name, shape=shape, fwd=fwd, fwd_bwd=fwd_bwd,
-                           memory=memory, error=error)
+                           memory=memory, error=error, grad_error=grad_error)
                 if on_gpu:
                     elem = torch.finfo(dtype).bits // 8
                     io_bytes = elem * (3 * args.batch * args.dim * length + 2 * args.batch * args.state * length)
@@ -172,12 +185,12 @@ def attention_row(batch, length, width=1152, heads=16):
 
     return dict(backend="sdpa(1152,16h)", dtype="bf16", shape=(batch, width, length, heads),
                 fwd=timed(forward), fwd_bwd=timed(forward_backward),
-                memory=peak_memory_gb(forward_backward), error=float("nan"))
+                memory=peak_memory_gb(forward_backward), error=float("nan"), grad_error=float("nan"))
 
 
 def format_row(r):
     text = (f"| {r['backend']:<14} | {r['dtype']} | {str(r['shape']):<22} | {r['fwd']:9.3f} | "
-            f"{r['fwd_bwd']:9.3f} | {r['memory']:6.2f} | {r['error']:.1e}")
+            f"{r['fwd_bwd']:9.3f} | {r['memory']:6.2f} | {r['error']:.1e} | {r['grad_error']:.1e}")
     if "floor" in r:
         text += f" | {r['fwd'] / r['floor']:6.1f}x | {r['fwd_bwd'] / r['floor_fb']:6.1f}x"
     return text + " |"
@@ -196,9 +209,13 @@ def main(argv=None):
     scan.add_argument("--repeats", type=int, default=20)
     scan.add_argument("--chunk", type=int, nargs="+", default=[scan_module.CHUNK],
                       help="chunk sizes of the parallel scan to try")
+    scan.add_argument("--triton-config", nargs="+", default=[
+        f"{scan_module.TRITON_BLOCK_D}x{scan_module.TRITON_TILE}x{scan_module.TRITON_WARPS}"],
+        help="Triton kernel shapes to try, as DxTxW (channels per program x steps per tile x warps)")
     args = parser.parse_args(argv)
-    print("| backend | dtype | (B, D, L, N) | fwd ms | fwd+bwd ms | peak GB | rel. error | fwd / floor | f+b / floor |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| backend | dtype | (B, D, L, N) | fwd ms | fwd+bwd ms | peak GB | y error vs ref | grad error "
+          "vs first | fwd / floor | f+b / floor |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     bench_scan(args)
 
 

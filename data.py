@@ -47,7 +47,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __init__(self, size=4096, image_size=32, num_frames=1, seed=0):
         rng = np.random.default_rng(seed)
         self.labels = rng.integers(0, len(SHAPE_CLASSES), size)
-        radius = rng.uniform(0.2, 0.3, size) * image_size
+        radius = rng.uniform(0.25, 0.35, size) * image_size
         centre = rng.uniform(radius[:, None], image_size - radius[:, None], (size, 2))
         # Clips: the shape moves in a straight line, bouncing off the borders.
         velocity = rng.uniform(-0.06, 0.06, (size, 2)) * image_size

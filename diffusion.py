@@ -94,8 +94,9 @@ class Diffusion:
 
     # ------------------------------------------------------------------ the reverse process p
 
-    def p_mean_variance(self, model_output, xt, t):
-        """From the model's output at x_t: the mean and log variance of p(x_{t-1} | x_t), and x_0."""
+    def p_mean_variance(self, model_output, xt, t, clip_x0=False):
+        """From the model's output at x_t: the mean and log variance of p(x_{t-1} | x_t), and x_0.
+        clip_x0 clamps the predicted x_0 to [-1, 1], as ADM does for pixels (DiT, on latents, does not)."""
         if self.learn_sigma:
             eps, v = model_output.chunk(2, dim=-3)
             low, high = _at(self.posterior_log_variance, t, xt), _at(torch.log(self.betas), t, xt)
@@ -104,6 +105,8 @@ class Diffusion:
         else:  # fixed small variance, beta~_t
             eps, log_variance = model_output, _at(self.posterior_log_variance, t, xt)
         x0 = self.predict_x0(xt, t, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
         mean, _, _ = self.q_posterior(x0, xt, t)
         return mean, log_variance, x0, eps
 
@@ -140,22 +143,23 @@ class Diffusion:
         return tqdm(list(range(self.num_timesteps))[::-1], disable=not progress, desc="sampling", leave=False)
 
     @torch.no_grad()
-    def ddpm_sample(self, model_fn, noise, progress=False):
+    def ddpm_sample(self, model_fn, noise, progress=False, clip_x0=False):
         """Ancestral sampling from x_T = noise through every step of this (respaced) process."""
         x = noise
         for i in self._steps(progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            mean, log_variance, _, _ = self.p_mean_variance(model_fn(x, self.timestep_map.to(x.device)[t]), x, t)
+            output = model_fn(x, self.timestep_map.to(x.device)[t])
+            mean, log_variance, _, _ = self.p_mean_variance(output, x, t, clip_x0)
             x = mean + (i > 0) * torch.exp(0.5 * log_variance) * torch.randn_like(x)
         return x
 
     @torch.no_grad()
-    def ddim_sample(self, model_fn, noise, eta=0.0, progress=False):
+    def ddim_sample(self, model_fn, noise, eta=0.0, progress=False, clip_x0=False):
         """DDIM (Song et al., 2021): deterministic for eta = 0, ancestral-like for eta = 1."""
         x = noise
         for i in self._steps(progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            _, _, x0, _ = self.p_mean_variance(model_fn(x, self.timestep_map.to(x.device)[t]), x, t)
+            _, _, x0, _ = self.p_mean_variance(model_fn(x, self.timestep_map.to(x.device)[t]), x, t, clip_x0)
             eps = (_at(torch.rsqrt(self.alphas_cumprod), t, x) * x - x0) / _at(torch.sqrt(1 / self.alphas_cumprod - 1), t, x)
             alpha_bar, alpha_bar_prev = _at(self.alphas_cumprod, t, x), _at(self.alphas_cumprod_prev, t, x)
             sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))

@@ -41,8 +41,9 @@ def model_from_args(args, info):
 
 
 @torch.no_grad()
-def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0, progress=False):
-    """Samples in [-1, 1] for the given labels: (N, C, H, W) or (N, T, C, H, W)."""
+def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0, progress=False, clip_x0=True):
+    """Samples in [-1, 1] for the given labels: (N, C, H, W) or (N, T, C, H, W).
+    clip_x0: clamp the predicted clean image to [-1, 1] at each step (right for pixels)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     shape = (len(labels),) + ((cfg.num_frames,) if cfg.num_frames > 1 else ()) + \
@@ -55,7 +56,7 @@ def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0,
     torch.manual_seed(seed)  # the DDPM noise, without disturbing the caller's random stream
     try:
         run = diffusion.ddpm_sample if sampler == "ddpm" else diffusion.ddim_sample
-        return run(model_fn, noise, progress=progress).clamp(-1, 1)
+        return run(model_fn, noise, progress=progress, clip_x0=clip_x0).clamp(-1, 1)
     finally:
         torch.random.set_rng_state(state)
 

@@ -27,10 +27,12 @@ Inputs may be float32, bfloat16 or float16 (float64 for tests): the state and ev
 float32 (float64 stays float64) and the output has the dtype of `u`.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "ref", "parallel")
+BACKENDS = ("auto", "ref", "parallel", "triton")
 CHUNK = 128  # positions per chunk of the parallel scan: (B, D, 128, N) fp32 at DiM-XL width is 150 MB
 
 
@@ -42,7 +44,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-    # "auto" and "parallel": the pure-PyTorch parallel scan runs on every device.
+    if backend == "auto":
+        backend = "triton" if u.is_cuda and triton_available(u.device) else "parallel"
+    if backend == "triton":
+        if not triton_available(u.device):
+            raise RuntimeError("backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 "
+                               f"on the CPU); got {u.device} tensors, Triton "
+                               f"{'installed' if triton is not None else 'not installed'}")
+        return TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     u32, delta = u.to(compute), _prepare_delta(delta.to(compute), delta_bias, delta_softplus)
     y = ParallelScan.apply(u32, delta, A.to(compute), B.to(compute), C.to(compute), reverse)
@@ -228,3 +237,218 @@ class ParallelScan(torch.autograd.Function):
             dA += torch.einsum("qbdn,qbd->dn", g_log_a, delta[s:e])
         du, ddelta, dB, dC = (x.permute(1, 2, 0) for x in (du, ddelta, dB, dC))
         return du, ddelta, dA, dB, dC, None
+
+
+#################################################################################
+#                    The fused Triton kernel: forward and backward              #
+#################################################################################
+#
+# One program per (batch, block of BLOCK_D channels). The state (BLOCK_D, N) stays in registers in
+# fp32 while the program walks L in tiles of T steps. Per tile it loads u, delta, z (BLOCK_D, T) and
+# B, C (N, T), forms a = exp2(delta A log2 e) and b = delta u B as (BLOCK_D, N, T), and solves the
+# tile's recurrence with tl.associative_scan, starting from the state carried in. Forward stores y
+# and the state entering each tile (the checkpoints); backward walks the tiles the other way,
+# recomputes each tile from its checkpoint and runs the adjoint scan. `reverse` only changes the
+# order of tiles and the direction of the scans: nothing is flipped in memory.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs of torch come without Triton
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _step_then_step(a1, b1, a2, b2):
+        # (a1, b1) applied first, then (a2, b2): h -> a2 (a1 h + b1) + b2
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _adjoint_then_adjoint(p1, q1, last1, p2, q2, last2):
+        # Segments of the adjoint g_k = e_k + a_{k-1} g_{k-1} (k in the adjoint's order), each summarised
+        # as g_last = q + p * (message in), message out = last_a * g_last. See TritonScan.backward.
+        carry = p2 * last1
+        return carry * p1, q2 + carry * q1, last2
+
+    @triton.jit
+    def _softplus(x):
+        e = tl.exp(x)  # log(1 + e) loses digits for small e: use its series there
+        return tl.where(x > 20.0, x, tl.where(x < -5.0, e * (1.0 - 0.5 * e), tl.log(1.0 + e)))
+
+    @triton.jit
+    def _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, bias, batch, d, t, dim, length,
+                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, N: tl.constexpr):
+        """u, delta before and after bias + softplus (BLOCK_D, T), B and C (N, T), as fp32; zero past L."""
+        n = tl.arange(0, N)
+        valid = (d[:, None] < dim) & (t[None, :] < length)
+        offsets = batch * dim * length + d[:, None] * length + t[None, :]
+        u = tl.load(u_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+        delta_raw = tl.load(delta_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            delta_raw += bias[:, None]
+        delta = _softplus(delta_raw) if SOFTPLUS else delta_raw
+        delta = tl.where(valid, delta, 0.0)  # a = 1, b = 0 past the end: the identity step
+        state_offsets = batch * N * length + n[:, None] * length + t[None, :]
+        state_valid = t[None, :] < length
+        B = tl.load(B_ptr + state_offsets, mask=state_valid, other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + state_offsets, mask=state_valid, other=0.0).to(tl.float32)
+        return u, delta_raw, delta, B, C, offsets, valid
+
+    @triton.jit
+    def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
+                             dim, length, num_tiles,
+                             HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+                             N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
+        batch = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)                  # (BLOCK_D,)
+        n = tl.arange(0, N)
+        steps = tl.arange(0, T)
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0) * 1.4426950408889634
+        bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
+        skip = tl.load(D_ptr + d, mask=d < dim, other=0.0) if HAS_D else 0.0
+        h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+        for i in range(num_tiles):
+            tile = num_tiles - 1 - i if REVERSE else i
+            t = tile * T + steps
+            u, delta_raw, delta, B, C, offsets, valid = _load_tile(
+                u_ptr, delta_ptr, B_ptr, C_ptr, bias, batch, d, t, dim, length, HAS_BIAS, SOFTPLUS, N)
+            state_offsets = ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :]
+            tl.store(states_ptr + state_offsets, h, mask=d[:, None] < dim)      # the checkpoint
+            a = tl.exp2(delta[:, None, :] * A[:, :, None])                      # (BLOCK_D, N, T)
+            b = (delta * u)[:, None, :] * B[None, :, :]                         # (BLOCK_D, N, T)
+            a_run, b_run = tl.associative_scan((a, b), axis=2, combine_fn=_step_then_step, reverse=REVERSE)
+            h_all = a_run * h[:, :, None] + b_run                               # (BLOCK_D, N, T)
+            y = tl.sum(h_all * C[None, :, :], axis=1)                           # (BLOCK_D, T)
+            if HAS_D:
+                y += skip[:, None] * u
+            if HAS_Z:
+                z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            tl.store(y_ptr + offsets, y, mask=valid)
+            last = 0 if REVERSE else T - 1
+            h = tl.sum(tl.where(steps[None, None, :] == last, h_all, 0.0), axis=2)
+
+    @triton.jit
+    def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr,
+                              du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr,
+                              dim, length, num_tiles, num_blocks,
+                              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+                              N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
+        batch, block = tl.program_id(0), tl.program_id(1)
+        d = block * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, N)
+        steps = tl.arange(0, T)
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0)
+        bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
+        skip = tl.load(D_ptr + d, mask=d < dim, other=0.0) if HAS_D else 0.0
+        message = tl.zeros((BLOCK_D, N), dtype=tl.float32)  # a g flowing in from the step after the tile
+        dA = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+        dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for i in range(num_tiles):
+            tile = i if REVERSE else num_tiles - 1 - i  # against the forward scan's order
+            t = tile * T + steps
+            u, delta_raw, delta, B, C, offsets, valid = _load_tile(
+                u_ptr, delta_ptr, B_ptr, C_ptr, bias, batch, d, t, dim, length, HAS_BIAS, SOFTPLUS, N)
+            h0 = tl.load(states_ptr + ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :],
+                         mask=d[:, None] < dim, other=0.0)
+            a = tl.exp2(delta[:, None, :] * (A * 1.4426950408889634)[:, :, None])  # (BLOCK_D, N, T)
+            b = (delta * u)[:, None, :] * B[None, :, :]
+            a_run, b_run = tl.associative_scan((a, b), axis=2, combine_fn=_step_then_step, reverse=REVERSE)
+            h = a_run * h0[:, :, None] + b_run                                  # (BLOCK_D, N, T)
+            dy = tl.load(dout_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            if HAS_Z:  # y_out = y * silu(z)
+                z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+                y = tl.sum(h * C[None, :, :], axis=1)
+                if HAS_D:
+                    y += skip[:, None] * u
+                sig = tl.sigmoid(z)
+                tl.store(dz_ptr + offsets, dy * y * sig * (1.0 + z * (1.0 - sig)), mask=valid)
+                dy = dy * z * sig
+            # Adjoint, in its own order (the reverse of the forward scan's): g_k = C_k dy_k + a_{k-1} g_{k-1}.
+            e = C[None, :, :] * dy[:, None, :]                                  # (BLOCK_D, N, T)
+            p, q, _ = tl.associative_scan((tl.full(e.shape, 1.0, tl.float32), e, a), axis=2,
+                                          combine_fn=_adjoint_then_adjoint, reverse=not REVERSE)
+            g = q + p * message[:, :, None]                                     # dLoss/dh: (BLOCK_D, N, T)
+            first = T - 1 if REVERSE else 0  # the tile's last step in the adjoint's order
+            message = tl.sum(tl.where(steps[None, None, :] == first, a * g, 0.0), axis=2)
+
+            partial = ((batch * num_blocks + block) * N + n[:, None]) * length + t[None, :]
+            tl.store(dC_ptr + partial, tl.sum(h * dy[:, None, :], axis=0), mask=t[None, :] < length)
+            tl.store(dB_ptr + partial, tl.sum(g * (delta * u)[:, None, :], axis=0), mask=t[None, :] < length)
+            g_B = tl.sum(g * B[None, :, :], axis=1)                             # (BLOCK_D, T)
+            g_log_a = g * (h - b)                                               # g a h_prev: (BLOCK_D, N, T)
+            ddelta = g_B * u + tl.sum(g_log_a * A[:, :, None], axis=1)
+            if SOFTPLUS:
+                ddelta = ddelta * tl.sigmoid(delta_raw)
+            du = g_B * delta
+            if HAS_D:
+                du += skip[:, None] * dy
+                dD += tl.sum(dy * u, axis=1)
+            tl.store(du_ptr + offsets, du, mask=valid)
+            tl.store(ddelta_ptr + offsets, ddelta, mask=valid)
+            dA += tl.sum(g_log_a * delta[:, None, :], axis=2)
+        tl.store(dA_ptr + (batch * dim + d[:, None]) * N + n[None, :], dA, mask=d[:, None] < dim)
+        if HAS_D:
+            tl.store(dD_ptr + batch * dim + d, dD, mask=d < dim)
+
+
+TRITON_BLOCK_D, TRITON_TILE, TRITON_WARPS = 4, 32, 4  # channels per program, steps per tile, warps
+
+
+def triton_available(device):
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+class TritonScan(torch.autograd.Function):
+    """The whole selective_scan (bias, softplus, D, z, reverse) in one forward and one backward kernel."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        u, delta, B, C = (x.contiguous() for x in (u, delta, B, C))
+        z = z.contiguous() if z is not None else None
+        A, D, delta_bias = A.float().contiguous(), _float_or_none(D), _float_or_none(delta_bias)
+        batch, dim, length = u.shape
+        state = A.shape[1]
+        num_tiles = triton.cdiv(length, TRITON_TILE)
+        y = torch.empty_like(u)
+        states = u.new_empty(batch, dim, num_tiles, state, dtype=torch.float32)
+        grid = (batch, triton.cdiv(dim, TRITON_BLOCK_D))
+        _scan_forward_kernel[grid](u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), y, states,
+                                   dim, length, num_tiles, D is not None, z is not None, delta_bias is not None,
+                                   delta_softplus, reverse, state, TRITON_BLOCK_D, TRITON_TILE,
+                                   num_warps=TRITON_WARPS)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.options = (delta_softplus, reverse)
+        return y
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        delta_softplus, reverse = ctx.options
+        batch, dim, length = u.shape
+        state, num_tiles = A.shape[1], states.shape[2]
+        num_blocks = triton.cdiv(dim, TRITON_BLOCK_D)
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta, dtype=torch.float32)
+        dz = torch.empty_like(z) if z is not None else None
+        dA = u.new_empty(batch, dim, state, dtype=torch.float32)
+        dD = u.new_empty(batch, dim, dtype=torch.float32) if D is not None else None
+        dB, dC = (u.new_empty(batch, num_blocks, state, length, dtype=torch.float32) for _ in range(2))
+        _scan_backward_kernel[(batch, num_blocks)](
+            u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), states, dout.contiguous(),
+            du, ddelta, _or(dz, du), dA, _or(dD, dA), dB, dC, dim, length, num_tiles, num_blocks,
+            D is not None, z is not None, delta_bias is not None, delta_softplus, reverse,
+            state, TRITON_BLOCK_D, TRITON_TILE, num_warps=TRITON_WARPS)
+        dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
+        return (du, ddelta.to(delta.dtype), dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+                dD.sum(0) if D is not None else None, dz, dbias, None, None)
+
+
+def _float_or_none(x):
+    return x.float().contiguous() if x is not None else None
+
+
+def _or(x, placeholder):
+    """Triton needs a pointer even where a flag turns the input off."""
+    return x if x is not None else placeholder

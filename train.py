@@ -40,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", choices=list(PRESETS), default="DiM-Ti/4")
     parser.add_argument("--mixer", choices=["mamba", "attention"], default="mamba",
                         help="token mixer: mamba (DiM) or attention (the same model as DiT)")
-    parser.add_argument("--image-size", type=int, default=32, help="side of the images the model sees")
+    parser.add_argument("--image-size", type=int, default=16, help="side of the images the model sees")
     parser.add_argument("--num-frames", type=int, default=1, help="frames per clip; 1 for images")
     parser.add_argument("--global-batch-size", type=int, default=32, help="summed over all ranks")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (DiT: 1e-4 at batch 256)")
@@ -96,13 +96,23 @@ def find_resume(args):
     return args.resume
 
 
-def save_checkpoint(path, model, ema, opt, args, step, info):
+def rng_states(world):
+    """Every rank's random state (rank 0 writes them all), so a resumed run draws the same numbers."""
+    state = dict(torch=torch.random.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(path, model, ema, opt, args, step, info, rng):
     """Plain types only (loads with weights_only=True); written to a temporary file, then renamed,
     so that a crash mid-write never leaves a broken checkpoint in place of a good one."""
     ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), args=vars(args).copy(),
-                step=step, data_info=info, rng=dict(torch=torch.random.get_rng_state()))
-    if torch.cuda.is_available():
-        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state()
+                step=step, data_info=info, rng=rng)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = path + ".tmp"
     torch.save(ckpt, temporary)
@@ -182,6 +192,7 @@ def train(args, rank, world, local_rank):
     dataset, info = make_dataset(args.dataset, args.data_path, args.image_size, args.num_frames, args.global_seed)
     if len(dataset) < args.global_batch_size:
         raise UserError(f"the data set has {len(dataset)} items, fewer than --global-batch-size {args.global_batch_size}")
+    torch.manual_seed(args.global_seed)  # the same initial weights on every rank and every run
     try:
         model = model_from_args(vars(args), info).to(device)
     except ValueError as error:
@@ -196,11 +207,14 @@ def train(args, rank, world, local_rank):
         ema.load_state_dict(resume["ema"])
         opt.load_state_dict(resume["opt"])
         step = resume["step"]
-        torch.random.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in resume["rng"]:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"])
+        if len(resume["rng"]) == world:
+            torch.random.set_rng_state(resume["rng"][rank]["torch"])
+            if device.type == "cuda" and "cuda" in resume["rng"][rank]:
+                torch.cuda.set_rng_state(resume["rng"][rank]["cuda"])
+        else:  # another number of ranks: the data order still holds, the noise draws are new
+            torch.manual_seed(args.global_seed * world + rank + 1_000_003 * step)
     else:
-        torch.manual_seed(args.global_seed * world + rank)
+        torch.manual_seed(args.global_seed * world + rank)  # each rank its own noise and timesteps
     ddp = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if world > 1 else model
 
@@ -265,10 +279,12 @@ def train(args, rank, world, local_rank):
             path = save_samples(samples, os.path.join(run_dir, "samples", f"{step:07d}.{'gif' if args.num_frames > 1 else 'png'}"),
                                 columns=info["num_classes"])
             log(f"step {step:7d}  samples (EMA, DDIM 50, guidance 1.5) in {path}")
-        if rank == 0 and (step % args.ckpt_every == 0 or step == args.max_steps):
-            last_checkpoint = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-            save_checkpoint(last_checkpoint, model, ema, opt, args, step, info)
-            log(f"step {step:7d}  checkpoint {last_checkpoint}")
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            rng = rng_states(world)
+            if rank == 0:
+                last_checkpoint = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+                save_checkpoint(last_checkpoint, model, ema, opt, args, step, info, rng)
+                log(f"step {step:7d}  checkpoint {last_checkpoint}")
     bar.close()
 
     if world > 1:  # DDP keeps the replicas equal; prove it

@@ -151,3 +151,32 @@ def test_input_errors_name_the_argument():
         selective_scan(**dict(inputs, delta_bias=torch.zeros(5)))
     with pytest.raises(ValueError, match="backend='cuda-magic' is not one of"):
         selective_scan(**inputs, backend="cuda-magic")
+
+
+#################################################################################
+#        The Triton kernel: on the CPU through TRITON_INTERPRET=1 (conftest)    #
+#################################################################################
+
+@pytest.mark.skipif(scan.triton is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
+@pytest.mark.parametrize("use_z,use_bias,softplus,reverse", OPTIONS)
+def test_triton_equals_definition(use_z, use_bias, softplus, reverse, monkeypatch):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(scan, "TRITON_TILE", 8)  # 37 steps: five tiles, the last one partly filled
+    for length in (1, 37):
+        inputs = select(make_inputs(2, 6, length, 4, seed=length), use_z, use_bias)  # 6 channels: a part block
+        x = {k: v.float().to(device).requires_grad_() for k, v in inputs.items()}
+        dy = torch.randn(2, 6, length, dtype=torch.float64)
+        y = selective_scan(**x, delta_softplus=softplus, reverse=reverse, backend="triton")
+        grads = torch.autograd.grad(y, list(x.values()), dy.float().to(device))
+        ref = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y_ref = selective_scan_ref(**ref, delta_softplus=softplus, reverse=reverse)
+        grads_ref = torch.autograd.grad(y_ref, list(ref.values()), dy)
+        torch.testing.assert_close(y.double().cpu(), y_ref, rtol=1e-4, atol=1e-5)
+        for name, a, b in zip(inputs, grads, grads_ref):
+            torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
+
+
+def test_triton_backend_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend='triton' needs Triton and CUDA tensors"):
+        selective_scan(**make_inputs(1, 2, 3, 2, dtype=torch.float32), backend="triton")

@@ -1,0 +1,158 @@
+"""train.py and sample.py end to end on the CPU: run folders, exact resume, torchrun, errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import sample
+import train
+from data import ShapesDataset, UserError, judge
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "DiM-Ti/8", "--image-size", "16", "--global-batch-size", "8", "--no-progress"]
+
+
+def run(tmp_path, *flags):
+    args = train.parse_args(TINY + ["--results-dir", str(tmp_path / "results")] + list(flags))
+    return train.main(args)
+
+
+def log_losses(run_dir):
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        return [line.split("loss ")[1].split()[0] for line in f if " loss " in line]
+
+
+def test_short_run_writes_folder_checkpoint_and_samples(tmp_path):
+    out = run(tmp_path, "--max-steps", "4", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "4")
+    run_dir = out["run_dir"]
+    assert os.path.basename(run_dir) == "000-DiM-Ti-8-shapes"
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["0000002.pt", "0000004.pt"]
+    assert os.path.isfile(os.path.join(run_dir, "samples", "0000004.png"))
+    assert len(log_losses(run_dir)) == 2
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "0000004.pt"), weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["args"]["model"] == "DiM-Ti/8" and set(ckpt["rng"][0]) >= {"torch"}
+    # a second run gets the next number
+    assert os.path.basename(run(tmp_path, "--max-steps", "1", "--sample-every", "9")["run_dir"]) == "001-DiM-Ti-8-shapes"
+
+
+def test_resume_is_bit_exact(tmp_path):
+    flags = ["--max-steps", "6", "--log-every", "1", "--ckpt-every", "3", "--sample-every", "100"]
+    whole = run(tmp_path / "a", *flags)
+    half = run(tmp_path / "b", *flags[:1], "3", *flags[2:])
+    resumed = run(tmp_path / "b", *flags, "--resume", "auto")
+    assert resumed["run_dir"] == half["run_dir"] and resumed["step"] == 6
+    for a, b in zip(whole["model"].state_dict().values(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(whole["ema"].state_dict().values(), resumed["ema"].state_dict().values()):
+        assert torch.equal(a, b)
+    assert log_losses(whole["run_dir"]) == log_losses(resumed["run_dir"])
+
+
+def test_torchrun_two_ranks_on_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+               os.path.join(ROOT, "train.py"), *TINY, "--max-steps", "3", "--log-every", "1",
+               "--sample-every", "3", "--results-dir", str(tmp_path / "results")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = os.listdir(tmp_path / "results")
+    assert runs == ["000-DiM-Ti-8-shapes"]  # one writer
+    with open(tmp_path / "results" / runs[0] / "log.txt") as f:
+        log = f.read()
+    assert "2 rank(s)" in log and "weights identical on all 2 ranks: True" in log
+    assert log.count("loss ") == 3
+
+
+def test_sample_png_and_gif(tmp_path):
+    image_run = run(tmp_path, "--max-steps", "2", "--sample-every", "100")
+    args = sample.parse_args(["--ckpt", image_run["checkpoint"], "--num-sampling-steps", "5", "--num-samples", "9",
+                              "--out", str(tmp_path / "grid.png"), "--judge"])
+    out = sample.main(args)
+    assert out["samples"].shape == (9, 3, 16, 16) and 0 <= out["accuracy"] <= 1
+    assert Image.open(tmp_path / "grid.png").size == (9 * 18, 18)  # a column per class
+    video_run = run(tmp_path, "--max-steps", "2", "--num-frames", "3", "--sample-every", "2")
+    assert os.path.isfile(os.path.join(video_run["run_dir"], "samples", "0000002.gif"))
+    args = sample.parse_args(["--ckpt", video_run["checkpoint"], "--sampler", "ddpm", "--num-sampling-steps", "4",
+                              "--class-labels", "0", "4", "--out", str(tmp_path / "clips.gif")])
+    assert sample.main(args)["samples"].shape == (2, 3, 3, 16, 16)
+    gif = Image.open(tmp_path / "clips.gif")
+    assert gif.n_frames == 3
+
+
+def test_folder_dataset_trains(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        os.makedirs(tmp_path / "images" / name)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
+    out = run(tmp_path, "--dataset", "folder", "--data-path", str(tmp_path / "images"), "--max-steps", "2",
+              "--sample-every", "100")
+    ckpt = torch.load(out["checkpoint"], weights_only=True)
+    assert ckpt["data_info"]["class_names"] == ["cats", "dogs"] and ckpt["data_info"]["num_classes"] == 2
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    def fails(match, *flags):
+        with pytest.raises(UserError, match=match):
+            run(tmp_path, "--max-steps", "1", *flags)
+
+    fails("needs --data-path", "--dataset", "folder")
+    fails("does not exist", "--dataset", "folder", "--data-path", str(tmp_path / "nowhere"))
+    os.makedirs(tmp_path / "empty")
+    fails("no class sub-folders", "--dataset", "folder", "--data-path", str(tmp_path / "empty"))
+    os.makedirs(tmp_path / "noimages" / "a")
+    (tmp_path / "noimages" / "a" / "readme.txt").write_text("hello")
+    fails("no images", "--dataset", "folder", "--data-path", str(tmp_path / "noimages"))
+    fails("not divisible by the patch size 8", "--image-size", "20")
+    fails("--resume .* does not exist", "--resume", str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    fails("is not a DiM checkpoint", "--resume", str(tmp_path / "junk.pt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    fails("is not a DiM checkpoint", "--resume", str(tmp_path / "other.pt"))
+    good = run(tmp_path, "--max-steps", "1", "--sample-every", "100")["checkpoint"]
+    fails("another model or data set: --model DiM-Ti/8 .checkpoint. vs DiM-Ti/4", "--resume", good,
+          "--model", "DiM-Ti/4")
+    with pytest.raises(UserError, match="--global-batch-size 8 is not divisible by the 3 ranks"):
+        train.train(train.parse_args(TINY + ["--results-dir", str(tmp_path)]), rank=0, world=3, local_rank=0)
+    with pytest.raises(UserError, match="does not exist"):
+        sample.main(sample.parse_args(["--ckpt", str(tmp_path / "missing.pt")]))
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real = train.Diffusion.training_losses
+    calls = []
+
+    def poisoned(self, model_fn, x0, t, noise=None):
+        calls.append(1)
+        losses = real(self, model_fn, x0, t, noise)
+        if len(calls) == 3:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train.Diffusion, "training_losses", poisoned)
+    with pytest.raises(UserError, match=r"the loss is nan at step 3.*intact: .*0000002\.pt"):
+        run(tmp_path, "--max-steps", "5", "--ckpt-every", "2", "--sample-every", "100")
+    path = tmp_path / "results" / "000-DiM-Ti-8-shapes" / "checkpoints" / "0000002.pt"
+    assert sample.load_checkpoint(str(path))["step"] == 2
+    assert os.listdir(path.parent) == ["0000002.pt"]
+
+
+def test_shapes_judge_is_right_on_real_images():
+    images = ShapesDataset(size=2000, image_size=32, seed=1)
+    assert (judge(images.images) == images.labels).float().mean() >= 0.99
+    clips = ShapesDataset(size=100, image_size=32, num_frames=6, seed=2)
+    assert (judge(clips.images) == clips.labels).float().mean() >= 0.99
+    assert (judge(torch.full((2, 3, 16, 16), -1.0)) == -1).all()  # nothing drawn, no class
+
+
+def test_shapes_are_deterministic():
+    a, b = ShapesDataset(size=20, seed=5), ShapesDataset(size=20, seed=5)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, ShapesDataset(size=20, seed=6).images)
+    assert len(data.SHAPE_CLASSES) == 9
