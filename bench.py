@@ -13,6 +13,7 @@ yardstick it times `F.scaled_dot_product_attention` at the same B and L, width 1
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -112,6 +113,9 @@ def bench_scan(args):
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, "
               f"triton {__import__('triton').__version__}")
         print(f"# copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), exp2 rate {exps / 1e12:.2f} T/s")
+    print("| backend | dtype | (B, D, L, N) | fwd ms | fwd+bwd ms | peak GB | y error vs ref | grad error "
+          "vs first | fwd / floor | f+b / floor |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows = []
     for length in args.length:
         for dtype_name in args.dtype:
@@ -196,6 +200,171 @@ def format_row(r):
     return text + " |"
 
 
+
+#################################################################################
+#                      The model bench: DiM against DiT                         #
+#################################################################################
+
+# (image side, frames, batch): 256 to 16,384 tokens at patch 2 on 8x-downsampled latents
+SIZES = [(256, 1, 32), (512, 1, 8), (1024, 1, 2), (2048, 1, 1), (256, 16, 2)]
+BLOCK_TOKENS = [(256, 32), (1024, 8), (4096, 2), (16384, 1), (65536, 1)]
+
+
+def time_training(name, mixer, latent, frames, batch, scan, repeats):
+    """ms per training step (forward, backward, AdamW) and per sampling forward, peak GB; bf16 autocast.
+    Out of memory: retried with gradient checkpointing, then reported as such."""
+    from diffusion import Diffusion
+    from dim import build_model
+
+    for grad_ckpt in (False, True):
+        model = opt = None
+        torch.cuda.empty_cache()
+        try:
+            torch.manual_seed(0)
+            model = build_model(name, input_size=latent, in_channels=4, num_classes=1000, num_frames=frames,
+                                mixer=mixer, scan_backend=scan, grad_ckpt=grad_ckpt).cuda()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            diffusion = Diffusion()
+            shape = (batch,) + ((frames,) if frames > 1 else ()) + (4, latent, latent)
+            x, y = torch.randn(shape, device="cuda"), torch.randint(0, 1000, (batch,), device="cuda")
+            t = torch.randint(0, 1000, (batch,), device="cuda")
+
+            def train_step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = diffusion.training_losses(lambda a, b: model(a, b, y).float(), x, t)["loss"].mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            def sample_step():
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    model.eval()
+                    model(x, t, y)
+                    model.train()
+
+            train_ms = timed(train_step, repeats=repeats, warmup=2)
+            memory = peak_memory_gb(train_step)
+            sample_ms = timed(sample_step, repeats=repeats, warmup=1)
+            return dict(train_ms=train_ms, memory=memory, sample_ms=sample_ms, grad_ckpt=grad_ckpt)
+        except torch.cuda.OutOfMemoryError:
+            continue
+        finally:
+            model = opt = None  # free the GPU memory before the next try
+    return dict(train_ms=None, memory=None, sample_ms=None, grad_ckpt=True)
+
+
+def time_block(mixer, tokens, batch, scan, repeats, width=1152):
+    """ms for forward + backward of one block at DiM-XL's width, bf16 autocast."""
+    from dim import DiMBlock, DiMConfig
+
+    torch.manual_seed(0)
+    block = DiMBlock(DiMConfig(hidden_size=width, mixer=mixer, scan_backend=scan)).cuda()
+    x = torch.randn(batch, tokens, width, device="cuda", requires_grad=True)
+    c = torch.randn(batch, width, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = block(x, c)
+        out.float().sum().backward()
+
+    try:
+        return timed(step, repeats=repeats, warmup=2)
+    except torch.cuda.OutOfMemoryError:
+        return None
+
+
+def bench_model(args):
+    import json
+
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, blocks=[], models=[])
+    print("| scan | tokens (batch) | attention block ms | DiM block ms | DiM / attention |")
+    print("| --- | --- | --- | --- | --- |")
+    for scan in args.scan:
+        for tokens, batch in BLOCK_TOKENS:
+            attention = time_block("attention", tokens, batch, scan, args.repeats)
+            mamba = time_block("mamba", tokens, batch, scan, args.repeats)
+            results["blocks"].append(dict(scan=scan, tokens=tokens, batch=batch, attention=attention, mamba=mamba))
+            ratio = f"{mamba / attention:.2f}" if attention and mamba else "-"
+            print(f"| {scan} | {tokens:,} ({batch}) | {attention or 'OOM'} | {mamba or 'OOM'} | {ratio} |", flush=True)
+    print("\n| model | input | tokens x batch | mixer | train step ms | peak GB | sampling fwd ms | images/s (250 steps) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.models:
+        for side, frames, batch in SIZES:
+            latent = side // 8
+            tokens = frames * (latent // int(name.split("/")[1])) ** 2
+            for mixer in ("attention", "mamba"):
+                r = time_training(name, mixer, latent, frames, batch, args.model_scan, args.repeats)
+                r.update(model=name, side=side, frames=frames, batch=batch, tokens=tokens, mixer=mixer)
+                results["models"].append(r)
+                label = f"{side}px" + (f" x {frames} frames" if frames > 1 else "")
+                if r["train_ms"] is None:
+                    print(f"| {name} | {label} | {tokens:,} x {batch} | {mixer} | OOM | - | - | - |", flush=True)
+                    continue
+                rate = batch / (250 * r["sample_ms"] / 1e3)
+                print(f"| {name} | {label} | {tokens:,} x {batch} | {mixer} | {r['train_ms']:.1f}"
+                      f"{' (grad ckpt)' if r['grad_ckpt'] else ''} | {r['memory']:.1f} | {r['sample_ms']:.1f} | "
+                      f"{rate:.2f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def size_table():
+    """Parameters and GMACs of every preset at 256 and 512 (latents 32 and 64), both mixers; no GPU."""
+    from dim import PRESETS, build_model
+
+    print("| model | params DiM (M) | params DiT (M) | GMACs DiM 256 | GMACs DiT 256 | GMACs DiM 512 | GMACs DiT 512 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in PRESETS:
+        cells = []
+        for side in (256, 512):
+            for mixer in ("mamba", "attention"):
+                with torch.device("meta"):
+                    model = build_model(name, input_size=side // 8, mixer=mixer)
+                cells.append((model.num_params() / 1e6, model.gmacs()))
+        (p_dim, g_dim_256), (p_dit, g_dit_256), (_, g_dim_512), (_, g_dit_512) = cells
+        print(f"| {name} | {p_dim:.1f} | {p_dit:.1f} | {g_dim_256:.2f} | {g_dit_256:.2f} | {g_dim_512:.2f} | {g_dit_512:.2f} |")
+
+
+def plot(args):
+    import json
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("bench.py plot needs matplotlib: pip install matplotlib")
+    with open(args.json) as f:
+        results = json.load(f)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for scan, style in (("triton", "-"), ("parallel", ":")):
+        rows = [r for r in results["blocks"] if r["scan"] == scan and r["mamba"]]
+        if rows:
+            left.plot([r["tokens"] for r in rows], [r["mamba"] / r["batch"] for r in rows], "o" + style,
+                      label=f"DiM block ({scan} scan)")
+    rows = [r for r in results["blocks"] if r["scan"] == results["blocks"][0]["scan"] and r["attention"]]
+    left.plot([r["tokens"] for r in rows], [r["attention"] / r["batch"] for r in rows], "s-", label="attention block")
+    left.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per sequence (fwd + bwd)",
+             title="one block at width 1152, bf16")
+    left.legend()
+    for mixer, marker in (("mamba", "o"), ("attention", "s")):
+        rows = [r for r in results["models"] if r["mixer"] == mixer and r["model"] == "DiM-XL/2" and r["train_ms"]]
+        images, videos = [r for r in rows if r["frames"] == 1], [r for r in rows if r["frames"] > 1]
+        name = "DiM-XL/2" if mixer == "mamba" else "DiT-XL/2 (attention)"
+        right.plot([r["tokens"] for r in images], [r["train_ms"] / r["batch"] for r in images], marker + "-", label=name)
+        right.plot([r["tokens"] for r in videos], [r["train_ms"] / r["batch"] for r in videos], marker,
+                   markerfacecolor="none", markersize=10, label=name + ", 16-frame video")
+    right.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per sample (training step)",
+              title="whole model, bf16")
+    right.legend()
+    figure.suptitle(f"{results['device']}, torch {results['torch']}")
+    figure.tight_layout()
+    figure.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -212,10 +381,23 @@ def main(argv=None):
     scan.add_argument("--triton-config", nargs="+", default=[
         f"{scan_module.TRITON_BLOCK_D}x{scan_module.TRITON_TILE}x{scan_module.TRITON_WARPS}"],
         help="Triton kernel shapes to try, as DxTxW (channels per program x steps per tile x warps)")
+    model = sub.add_parser("model", help="time DiM against attention, block and whole model (GPU)")
+    model.add_argument("--models", nargs="+", default=["DiM-S/2", "DiM-XL/2"])
+    model.add_argument("--scan", nargs="+", default=["triton", "parallel"], help="scans for the block sweep")
+    model.add_argument("--model-scan", default="triton", help="scan for the whole-model timings")
+    model.add_argument("--repeats", type=int, default=5)
+    model.add_argument("--json", default=None, help="write all numbers to this file")
+    sub.add_parser("sizes", help="parameters and GMACs of every preset (CPU)")
+    plotter = sub.add_parser("plot", help="PNG plot from the JSON of `bench.py model` (needs matplotlib)")
+    plotter.add_argument("--json", required=True)
+    plotter.add_argument("--out", default="benchmarks.png")
     args = parser.parse_args(argv)
-    print("| backend | dtype | (B, D, L, N) | fwd ms | fwd+bwd ms | peak GB | y error vs ref | grad error "
-          "vs first | fwd / floor | f+b / floor |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    if args.what == "model":
+        return bench_model(args)
+    if args.what == "sizes":
+        return size_table()
+    if args.what == "plot":
+        return plot(args)
     bench_scan(args)
 
 

@@ -394,7 +394,7 @@ if triton is not None:
             tl.store(dD_ptr + batch * dim + d, dD, mask=d < dim)
 
 
-TRITON_BLOCK_D, TRITON_TILE, TRITON_WARPS = 4, 32, 4  # channels per program, steps per tile, warps
+TRITON_BLOCK_D, TRITON_TILE, TRITON_WARPS = 4, 16, 2  # channels per program, steps per tile, warps
 
 
 def triton_available(device):

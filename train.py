@@ -14,7 +14,6 @@ A run lives in results/NNN-<model>-<dataset>/ with log.txt, checkpoints/NNNNNNN.
 import argparse
 import copy
 import glob
-import math
 import os
 import re
 import sys
