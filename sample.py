@@ -86,7 +86,7 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
     parser.add_argument("--num-sampling-steps", type=int, default=50, help="steps of the respaced process")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance; 1 = none")
+    parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance; 1 = none")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="labels to sample (default: every class in turn, --num-samples in all)")
     parser.add_argument("--num-samples", type=int, default=36)

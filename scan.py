@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "ref", "parallel", "triton")
-CHUNK = 128  # positions per chunk of the parallel scan: (B, D, 128, N) fp32 at DiM-XL width is 150 MB
+CHUNK = 128  # steps per chunk of the parallel scan (a power of two): (128, B, D, N) fp32 at DiM-XL width is 150 MB
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -116,126 +116,109 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 #                 The parallel scan: recursive doubling in chunks               #
 #################################################################################
 
-def linear_scan(a, b, reverse=False):
-    """h_t = a_t * h_{t-1} + b_t along dim 0 with h = 0 before the start; h_{t+1} if reverse.
+def exclusive_scan(a, b, h0, reverse=False, out=None):
+    """The state *before* each step of h_t = a_t h_{t-1} + b_t (h_{t+1} if reverse), starting from h0.
 
-    a, b: (Q, ...). Log-depth and O(Q) work by recursive doubling: merge neighbouring steps in
-    pairs, (a1, b1) then (a2, b2) is the single step (a2 a1, a2 b1 + b2); solve the half-length
-    problem for the second step of every pair; the first step of each pair then follows from the
-    previous pair's state. Only decays (<= 1) are multiplied: nothing is divided, nothing overflows.
-    Time is the leading dimension so that every slice below is a set of contiguous blocks.
+    a, b: (M, ...), M a power of two, with time in bit-reversed order: the first half holds the even
+    time steps and the second half the odd ones, each half again in bit-reversed order. Recursive
+    doubling then only ever touches contiguous halves: merge each pair of steps into one,
+    (a1, b1) then (a2, b2) = (a2 a1, a2 b1 + b2); the state before each pair comes from the
+    half-length problem, and the state between the two steps of a pair is a1 s + b1. Log-depth,
+    O(M) work, and only decays (<= 1) are multiplied: nothing is divided, nothing overflows.
     """
-    length = b.shape[0]
-    if length == 1:
-        return b.clone()  # a new tensor, like every other case
-    if length % 2:  # pad with the identity step (a = 1, b = 0) at the end; the scan's start is unchanged
-        a, b = torch.cat([a, torch.ones_like(a[:1])]), torch.cat([b, torch.zeros_like(b[:1])])
-        return linear_scan(a, b, reverse)[:length]
-    first, second = (1, 0) if reverse else (0, 1)  # which step of each pair the scan meets first
-    a1, b1, a2, b2 = a[first::2], b[first::2], a[second::2], b[second::2]  # (Q/2, ...)
-    h = torch.empty_like(b)
-    h[second::2] = linear_scan(a2 * a1, torch.addcmul(b2, a2, b1), reverse)
-    h[first::2] = b1
-    h1, h2 = h[first::2], h[second::2]
-    if reverse:  # the first step of pair i follows the second step of pair i + 1
-        h1[:-1].addcmul_(a1[:-1], h2[1:])
-    else:        # ... of pair i - 1
-        h1[1:].addcmul_(a1[1:], h2[:-1])
-    return h
+    out = torch.empty_like(b) if out is None else out
+    if b.shape[0] == 1:
+        out[0] = h0
+        return out
+    half = b.shape[0] // 2
+    even, odd = slice(0, half), slice(half, None)
+    first, second = (odd, even) if reverse else (even, odd)  # which step of each pair the scan meets first
+    a1, b1, a2, b2 = a[first], b[first], a[second], b[second]
+    exclusive_scan(a2 * a1, torch.addcmul(b2, a2, b1), h0, reverse, out=out[first])
+    torch.addcmul(b1, a1, out[first], out=out[second])
+    return out
 
 
-def _scan_from(a, b, h0, reverse):
-    """linear_scan started from the state h0 instead of zero: fold a * h0 into the first input."""
-    start = -1 if reverse else 0
-    b_start = b[start].clone()
-    b[start].addcmul_(a[start], h0)
-    h = linear_scan(a, b, reverse)
-    b[start] = b_start  # leave b as it was given
-    return h
+def bit_reversed(length, device):
+    """The permutation that puts time steps 0..length-1 (a power of two) in bit-reversed order."""
+    bits = max(length.bit_length() - 1, 0)
+    steps = torch.arange(length, device=device)
+    return sum(((steps >> i) & 1) << (bits - 1 - i) for i in range(bits)) if bits else steps
 
 
-def _chunks(length, reverse):
-    """(start, end) of each chunk of [0, length), in the order the scan visits them."""
-    bounds = [(s, min(s + CHUNK, length)) for s in range(0, length, CHUNK)]
-    return bounds[::-1] if reverse else bounds
-
-
-def _decay(delta, A, lo, hi):
-    """a_t = exp(delta_t A) for t in [lo, hi), with a = 1 (delta = 0) outside [0, L). (hi-lo, B, D, N)."""
-    length = delta.shape[0]
-    window = delta[max(lo, 0):min(hi, length)]
-    if lo < 0 or hi > length:
-        window = F.pad(window, (0, 0, 0, 0, max(-lo, 0), max(hi - length, 0)))
-    return torch.exp(window[..., None] * A)
-
-
-def _inputs(delta_u, B, s, e):
-    """b_t = delta_t u_t B_t for t in [s, e). (e-s, B, D, N)."""
-    return delta_u[s:e, :, :, None] * B[s:e, :, None, :]
-
-
-def _time_major(x):
-    """(B, D or N, L) -> (L, B, D or N), contiguous: inside a chunk each time step is one block."""
-    return x.permute(2, 0, 1).contiguous()
+def _time_major(x, length):
+    """(B, D or N, L) -> (length, B, D or N), contiguous, zero-padded in time: a step with delta = 0
+    and u = 0 is the identity (a = 1, b = 0), so padding changes nothing before it or after it."""
+    return F.pad(x, (0, length - x.shape[-1])).permute(2, 0, 1).contiguous()
 
 
 class ParallelScan(torch.autograd.Function):
     """y_t = <C_t, h_t> for h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, chunk by chunk.
 
-    Forward keeps, besides its inputs, only the state entering each chunk: (chunks, B, D, N).
-    Backward walks the chunks against the scan's direction. It recomputes a chunk's states from
-    its saved entry state, then solves the adjoint recurrence, which is the same scan reversed:
-        g_t = C_t dy_t + a_{t+1} g_{t+1}     (g = dLoss/dh_t; a_{t-1} and g_{t-1} if reverse)
-    and reads every gradient off g and h without dividing by a decay:
-        db_t = g_t,   d(delta_t A) = g_t a_t h_{t-1} = g_t (h_t - b_t).
-    Inside, tensors are time-major: (L, B, D) and (Q, B, D, N) for a chunk of Q steps.
+    Time is cut into chunks of Q steps (a power of two); inside a chunk every (Q, B, D, N) tensor
+    has time leading and bit-reversed (see exclusive_scan). Forward keeps, besides its inputs, only
+    the state entering each chunk: (chunks, B, D, N). Backward walks the chunks against the scan's
+    direction, recomputes a chunk's states from its saved entry state, and solves the adjoint
+    recurrence with the same scan in the other direction: for k_t = a_t g_t, the part of
+    g = dLoss/dh that flows back through step t,
+        k_t = a_t k_{t+1} + a_t e_t   with  e_t = C_t dy_t,   and   g_t = e_t + k_{t+1}
+    (t-1 for t+1 if reverse). Every gradient is read off g and the states without dividing by a
+    decay: db_t = g_t and d(delta_t A) = g_t a_t h_{t-1}.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, reverse):
-        u, delta, B, C = (_time_major(x) for x in (u, delta, B, C))       # (L, B, D), (L, B, N)
-        delta_u = delta * u                                                # (L, B, D)
-        y = torch.empty_like(u)                                            # (L, B, D)
-        h0 = u.new_zeros(*u.shape[1:], A.shape[1])                         # (B, D, N)
+        length = u.shape[-1]
+        chunk = 1 << (min(CHUNK, length) - 1).bit_length()  # a power of two, no longer than needed
+        padded = -(-length // chunk) * chunk
+        u, delta, B, C = (_time_major(x, padded) for x in (u, delta, B, C))  # (L', B, D) and (L', B, N)
+        order = bit_reversed(chunk, u.device)
+        y = torch.empty_like(u)                                              # (L', B, D)
+        h0 = u.new_zeros(*u.shape[1:], A.shape[1])                           # (B, D, N)
         entry_states = []
-        for s, e in _chunks(u.shape[0], reverse):
+        for start in range(0, padded, chunk)[::-1] if reverse else range(0, padded, chunk):
+            steps = start + order                                            # bit-reversed time
+            a = torch.exp(delta[steps, :, :, None] * A)                      # (Q, B, D, N)
+            b = (delta[steps] * u[steps])[..., None] * B[steps, :, None, :]  # (Q, B, D, N)
+            h = torch.addcmul(b, a, exclusive_scan(a, b, h0, reverse))      # (Q, B, D, N)
+            y[steps] = torch.einsum("qbdn,qbn->qbd", h, C[steps])
             entry_states.append(h0)
-            h = _scan_from(_decay(delta, A, s, e), _inputs(delta_u, B, s, e), h0, reverse)  # (Q, B, D, N)
-            y[s:e] = torch.einsum("qbdn,qbn->qbd", h, C[s:e])
-            h0 = h[0 if reverse else -1].clone()  # a copy, so that h itself is freed
+            h0 = h[0 if reverse else -1].clone()  # the last step in scan order; a copy frees h
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(entry_states))
-        ctx.reverse = reverse
-        return y.permute(1, 2, 0)                                          # (B, D, L)
+        ctx.reverse, ctx.length = reverse, length
+        return y[:length].permute(1, 2, 0)                                   # (B, D, L)
 
     @staticmethod
     def backward(ctx, dy):
         u, delta, A, B, C, entry_states = ctx.saved_tensors
-        reverse, dy = ctx.reverse, _time_major(dy)                         # (L, B, D)
-        delta_u = delta * u
+        reverse, padded, chunk = ctx.reverse, u.shape[0], u.shape[0] // len(entry_states)
+        dy = _time_major(dy, padded)                                         # (L', B, D)
+        order = bit_reversed(chunk, u.device)
         du, ddelta, dB, dC = (torch.empty_like(x) for x in (u, delta, B, C))
         dA = torch.zeros_like(A)
-        g_next = torch.zeros_like(entry_states[0])  # g at the first step of the chunk after this one
-        chunks = _chunks(u.shape[0], reverse)
-        for i in reversed(range(len(chunks))):
-            s, e = chunks[i]
-            a_around = _decay(delta, A, s - 1, e + 1)           # a_t for t in [s-1, e+1): (Q+2, B, D, N)
-            a = a_around[1:-1]                                  # (Q, B, D, N)
-            b = _inputs(delta_u, B, s, e)                       # (Q, B, D, N)
-            h = _scan_from(a, b, entry_states[i], reverse)      # (Q, B, D, N)
-            # Adjoint: runs the other way, with the decay of the step that follows in the scan.
-            a_following = a_around[:-2] if reverse else a_around[2:]
-            g_in = dy[s:e, :, :, None] * C[s:e, :, None, :]     # C_t dy_t: (Q, B, D, N)
-            g = _scan_from(a_following, g_in, g_next, not reverse)
-            g_next = g[-1 if reverse else 0]
+        k_next = torch.zeros_like(entry_states[0])  # a g flowing back from the chunk after this one
+        starts = list(range(0, padded, chunk)[::-1] if reverse else range(0, padded, chunk))
+        for i in reversed(range(len(starts))):
+            steps = starts[i] + order
+            delta_u = delta[steps] * u[steps]                                # (Q, B, D)
+            a = torch.exp(delta[steps, :, :, None] * A)                      # (Q, B, D, N)
+            b = delta_u[..., None] * B[steps, :, None, :]
+            a_h_prev = a * exclusive_scan(a, b, entry_states[i], reverse)   # a_t h_{t-1}
+            h = a_h_prev + b                                                 # (Q, B, D, N)
+            del b  # one chunk-sized tensor fewer at the peak
+            e = dy[steps, :, :, None] * C[steps, :, None, :]                 # C_t dy_t: (Q, B, D, N)
+            g = exclusive_scan(a, a * e, k_next, not reverse).add_(e)       # dLoss/dh_t
+            k_next = a[-1 if reverse else 0] * g[-1 if reverse else 0]      # flows into the chunk before
 
-            dC[s:e] = torch.einsum("qbdn,qbd->qbn", h, dy[s:e])
-            g_B = torch.einsum("qbdn,qbn->qbd", g, B[s:e])     # sum_n g B: (Q, B, D)
-            du[s:e] = g_B * delta[s:e]
-            dB[s:e] = torch.einsum("qbdn,qbd->qbn", g, delta_u[s:e])
-            g_log_a = h.sub_(b).mul_(g)                         # g (h - b), in h's memory: (Q, B, D, N)
-            ddelta[s:e] = g_B * u[s:e] + torch.einsum("qbdn,dn->qbd", g_log_a, A)
-            dA += torch.einsum("qbdn,qbd->dn", g_log_a, delta[s:e])
-        du, ddelta, dB, dC = (x.permute(1, 2, 0) for x in (du, ddelta, dB, dC))
+            dC[steps] = torch.einsum("qbdn,qbd->qbn", h, dy[steps])
+            g_B = torch.einsum("qbdn,qbn->qbd", g, B[steps])                # sum_n g B: (Q, B, D)
+            du[steps] = g_B * delta[steps]
+            dB[steps] = torch.einsum("qbdn,qbd->qbn", g, delta_u)
+            g_log_a = a_h_prev.mul_(g)                                       # g a h_prev, in place
+            ddelta[steps] = g_B * u[steps] + torch.einsum("qbdn,dn->qbd", g_log_a, A)
+            dA += torch.einsum("qbdn,qbd->dn", g_log_a, delta[steps])
+        length = ctx.length
+        du, ddelta, dB, dC = (x[:length].permute(1, 2, 0) for x in (du, ddelta, dB, dC))
         return du, ddelta, dA, dB, dC, None
 
 
