@@ -11,12 +11,16 @@ function `selective_scan` has the semantics of `mamba_ssm`'s `selective_scan_fn`
 With `reverse=True` time runs from L-1 down to 0 (h_t depends on h_{t+1}), which is the backward
 branch of the bidirectional mixer; no flipped copy of the inputs is made.
 
-Two implementations, which the tests prove equal:
+Three implementations (backend="ref", "parallel", "triton"), which the tests prove equal:
   selective_scan_ref     the definition: a Python loop over t. Slow on purpose; read it first.
-  the parallel scan      pure PyTorch, log-depth: the recurrence h_t = a_t h_{t-1} + b_t is solved
+  ParallelScan           pure PyTorch, log-depth: the recurrence h_t = a_t h_{t-1} + b_t is solved
                          by recursive doubling inside chunks of L, the state is carried from chunk
                          to chunk, and a custom autograd.Function runs the same scan backwards for
                          the gradient. Memory grows with one chunk, never with (B, D, L, N).
+  TritonScan             one fused Triton kernel forward and one backward, the state in registers,
+                         checkpoints at tile boundaries. The fast path on GPUs.
+backend="auto" takes Triton for CUDA tensors when it is installed, else the parallel scan; asking
+for a backend that cannot run here is an error, never a silent fallback.
 
 Glossary (shapes as in mamba_ssm):
   B  batch        D  channels        L  sequence length        N  state size
