@@ -182,8 +182,9 @@ class ParallelScan(torch.autograd.Function):
         entry_states = []
         for start in range(0, padded, chunk)[::-1] if reverse else range(0, padded, chunk):
             steps = start + order                                            # bit-reversed time
-            a = torch.exp(delta[steps, :, :, None] * A)                      # (Q, B, D, N)
-            b = (delta[steps] * u[steps])[..., None] * B[steps, :, None, :]  # (Q, B, D, N)
+            delta_c = delta[steps]                                           # (Q, B, D)
+            a = torch.exp(delta_c[..., None] * A)                            # (Q, B, D, N)
+            b = (delta_c * u[steps])[..., None] * B[steps, :, None, :]       # (Q, B, D, N)
             h = torch.addcmul(b, a, exclusive_scan(a, b, h0, reverse))      # (Q, B, D, N)
             y[steps] = torch.einsum("qbdn,qbn->qbd", h, C[steps])
             entry_states.append(h0)
@@ -204,9 +205,10 @@ class ParallelScan(torch.autograd.Function):
         starts = list(range(0, padded, chunk)[::-1] if reverse else range(0, padded, chunk))
         for i in reversed(range(len(starts))):
             steps = starts[i] + order
-            delta_u = delta[steps] * u[steps]                                # (Q, B, D)
-            a = torch.exp(delta[steps, :, :, None] * A)                      # (Q, B, D, N)
-            b = delta_u[..., None] * B[steps, :, None, :]
+            delta_c, u_c, B_c = delta[steps], u[steps], B[steps]            # (Q, B, D), (Q, B, N)
+            delta_u = delta_c * u_c                                          # (Q, B, D)
+            a = torch.exp(delta_c[..., None] * A)                            # (Q, B, D, N)
+            b = delta_u[..., None] * B_c[:, :, None, :]
             a_h_prev = a * exclusive_scan(a, b, entry_states[i], reverse)   # a_t h_{t-1}
             h = a_h_prev + b                                                 # (Q, B, D, N)
             del b  # one chunk-sized tensor fewer at the peak
@@ -215,12 +217,12 @@ class ParallelScan(torch.autograd.Function):
             k_next = a[-1 if reverse else 0] * g[-1 if reverse else 0]      # flows into the chunk before
 
             dC[steps] = torch.einsum("qbdn,qbd->qbn", h, dy[steps])
-            g_B = torch.einsum("qbdn,qbn->qbd", g, B[steps])                # sum_n g B: (Q, B, D)
-            du[steps] = g_B * delta[steps]
+            g_B = torch.einsum("qbdn,qbn->qbd", g, B_c)                     # sum_n g B: (Q, B, D)
+            du[steps] = g_B * delta_c
             dB[steps] = torch.einsum("qbdn,qbd->qbn", g, delta_u)
             g_log_a = a_h_prev.mul_(g)                                       # g a h_prev, in place
-            ddelta[steps] = g_B * u[steps] + torch.einsum("qbdn,dn->qbd", g_log_a, A)
-            dA += torch.einsum("qbdn,qbd->dn", g_log_a, delta[steps])
+            ddelta[steps] = g_B * u_c + torch.einsum("qbdn,dn->qbd", g_log_a, A)
+            dA += torch.einsum("qbdn,qbd->dn", g_log_a, delta_c)
         length = ctx.length
         du, ddelta, dB, dC = (x[:length].permute(1, 2, 0) for x in (du, ddelta, dB, dC))
         return du, ddelta, dA, dB, dC, None
@@ -245,6 +247,8 @@ except ImportError:  # CPU-only installs of torch come without Triton
     triton = None
 
 if triton is not None:
+    LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): the hardware computes exp2
+
     @triton.jit
     def _step_then_step(a1, b1, a2, b2):
         # (a1, b1) applied first, then (a2, b2): h -> a2 (a1 h + b1) + b2
@@ -291,7 +295,7 @@ if triton is not None:
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)                  # (BLOCK_D,)
         n = tl.arange(0, N)
         steps = tl.arange(0, T)
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0) * 1.4426950408889634
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0) * LOG2E
         bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
         skip = tl.load(D_ptr + d, mask=d < dim, other=0.0) if HAS_D else 0.0
         h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
@@ -328,6 +332,7 @@ if triton is not None:
         n = tl.arange(0, N)
         steps = tl.arange(0, T)
         A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0)
+        A_log2 = A * LOG2E
         bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
         skip = tl.load(D_ptr + d, mask=d < dim, other=0.0) if HAS_D else 0.0
         message = tl.zeros((BLOCK_D, N), dtype=tl.float32)  # a g flowing in from the step after the tile
@@ -340,7 +345,7 @@ if triton is not None:
                 u_ptr, delta_ptr, B_ptr, C_ptr, bias, batch, d, t, dim, length, HAS_BIAS, SOFTPLUS, N)
             h0 = tl.load(states_ptr + ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :],
                          mask=d[:, None] < dim, other=0.0)
-            a = tl.exp2(delta[:, None, :] * (A * 1.4426950408889634)[:, :, None])  # (BLOCK_D, N, T)
+            a = tl.exp2(delta[:, None, :] * A_log2[:, :, None])             # (BLOCK_D, N, T)
             b = (delta * u)[:, None, :] * B[None, :, :]
             a_run, b_run = tl.associative_scan((a, b), axis=2, combine_fn=_step_then_step, reverse=REVERSE)
             h = a_run * h0[:, :, None] + b_run                                  # (BLOCK_D, N, T)

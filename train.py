@@ -181,7 +181,8 @@ def train(args, rank, world, local_rank):
     local_batch = args.global_batch_size // world
 
     # --- checks that need no work, then the data and the model --------------------------------
-    resume = load_checkpoint(find_resume(args)) if args.resume else None
+    resume_path = find_resume(args) if args.resume else None
+    resume = load_checkpoint(resume_path) if resume_path else None
     if resume is not None:
         old = resume["args"]
         different = [f"--{k.replace('_', '-')} {old[k]} (checkpoint) vs {getattr(args, k)} (now)"
@@ -221,7 +222,7 @@ def train(args, rank, world, local_rank):
     run_dir = None
     if rank == 0:
         if resume is not None:
-            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(find_resume(args))))
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
         else:
             os.makedirs(args.results_dir, exist_ok=True)
             taken = [int(m.group(1)) for d in os.listdir(args.results_dir) if (m := re.match(r"(\d{3})-", d))]
@@ -249,8 +250,8 @@ def train(args, rank, world, local_rank):
             loss = diffusion.training_losses(lambda xt, tt: ddp(xt, tt, y).float(), x, t)["loss"].mean()
         if not torch.isfinite(loss):
             message = f"the loss is {loss.item()} at step {step + 1}: stopping."
-            if last_checkpoint or resume is not None:
-                message += f" The last good checkpoint is intact: {last_checkpoint or find_resume(args)}"
+            if last_checkpoint or resume_path:
+                message += f" The last good checkpoint is intact: {last_checkpoint or resume_path}"
             raise UserError(message + " Try a lower --lr, --grad-clip, or --precision fp32.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
