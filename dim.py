@@ -368,7 +368,7 @@ class DiM(nn.Module):
 #################################################################################
 
 SIZES = {  # DiT's depths, widths and heads; "Ti" is ours, small enough to train on a laptop CPU
-    "Ti": dict(depth=6, hidden_size=128, num_heads=4),
+    "Ti": dict(depth=6, hidden_size=128, num_heads=4, d_state=4),  # N = 4: a quarter of the scan's work
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import SHAPE_CLASSES, UserError, judge
+from data import SHAPE_CLASSES, UserError, decode, judge, load_vae, require
 from diffusion import Diffusion, guided
 from dim import build_model
 
@@ -35,15 +35,15 @@ def load_checkpoint(path):
 
 def model_from_args(args, info):
     """Build the DiM that train.py trains for these arguments (a dict) and data set info."""
-    return build_model(args["model"], input_size=args["image_size"], in_channels=info["channels"],
+    return build_model(args["model"], input_size=info.get("input_size", args["image_size"]), in_channels=info["channels"],
                        num_classes=info["num_classes"], num_frames=args["num_frames"], mixer=args["mixer"],
                        scan_backend=args["scan"], grad_ckpt=args.get("grad_ckpt", False))
 
 
 @torch.no_grad()
-def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0, progress=False, clip_x0=True):
-    """Samples in [-1, 1] for the given labels: (N, C, H, W) or (N, T, C, H, W).
-    clip_x0: clamp the predicted clean image to [-1, 1] at each step (right for pixels)."""
+def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0, progress=False, clip_x0=None):
+    """Samples for the given labels: (N, C, H, W) or (N, T, C, H, W), pixels in [-1, 1] or latents.
+    clip_x0: clamp the predicted clean image to [-1, 1] at each step (default: for pixels, C = 3)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     shape = (len(labels),) + ((cfg.num_frames,) if cfg.num_frames > 1 else ()) + \
@@ -56,13 +56,26 @@ def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0,
     torch.manual_seed(seed)  # the DDPM noise, without disturbing the caller's random stream
     try:
         run = diffusion.ddpm_sample if sampler == "ddpm" else diffusion.ddim_sample
-        return run(model_fn, noise, progress=progress, clip_x0=clip_x0).clamp(-1, 1)
+        clip_x0 = cfg.in_channels == 3 if clip_x0 is None else clip_x0
+        samples = run(model_fn, noise, progress=progress, clip_x0=clip_x0)
+        return samples.clamp(-1, 1) if cfg.in_channels == 3 else samples
     finally:
         torch.random.set_rng_state(state)
 
 
+def to_pixels(samples, info, vae=None):
+    """Samples of a latent model decoded by the SD VAE the data set was encoded with (or `vae`);
+    pixel samples as they are."""
+    if "vae" not in info:
+        return samples
+    device = samples.device if samples.is_cuda else "cpu"
+    pixels = decode(load_vae(vae or info["vae"], device), samples.flatten(0, samples.dim() - 4))
+    return pixels.view(*samples.shape[:-3], *pixels.shape[1:])               # (N, [T,] 3, H, W)
+
+
 def save_samples(samples, path, columns=None):
-    """A PNG grid of images, or an animated GIF grid of clips (one clip per cell)."""
+    """A PNG grid of images, or a grid of clips (one clip per cell): an animated GIF, or an MP4
+    when the path ends in .mp4."""
     samples = ((samples.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     clips = samples if samples.dim() == 5 else samples[:, None]              # (N, T, C, H, W)
     n, frames, c, h, w = clips.shape
@@ -74,11 +87,26 @@ def save_samples(samples, path, columns=None):
         grid[:, :, top:top + h, left:left + w] = clips[i]
     pictures = [Image.fromarray(frame.permute(1, 2, 0).squeeze(-1).numpy()) for frame in grid]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if frames == 1:
+    if path.endswith(".mp4"):
+        save_mp4(grid.permute(0, 2, 3, 1).numpy(), path)
+    elif frames == 1:
         pictures[0].save(path)
     else:
         pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=125, loop=0)
     return path
+
+
+def save_mp4(frames, path, fps=8):
+    """frames (T, H, W, 3) uint8 -> an MPEG-4 video (H and W even, as yuv420p needs)."""
+    av = require("av", "MP4 output")
+    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.bit_rate = 4_000_000
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
 
 
 def parse_args(argv=None):
@@ -93,7 +121,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--judge", action="store_true", help="shapes only: score samples against their labels")
-    parser.add_argument("--out", default=None, help="output file (default: next to the run's checkpoints)")
+    parser.add_argument("--out", default=None, help="output file: .png, .gif, or .mp4 for videos "
+                        "(default: next to the run's checkpoints)")
+    parser.add_argument("--vae", default=None, help="latent models: the VAE that decodes samples (default: the "
+                        "one recorded with the data set; ema, mse, or a local folder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -110,6 +141,7 @@ def main(args):
         raise UserError(f"--class-labels must lie in [0, {num_classes - 1}] for this checkpoint")
     labels = torch.tensor(labels)
     samples = generate(model, labels, args.sampler, args.num_sampling_steps, args.cfg_scale, args.seed, progress=True)
+    samples = to_pixels(samples, info, args.vae)
     video = samples.dim() == 5
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), "samples",
                                    f"sample-{ckpt['step']:07d}-{args.sampler}{args.num_sampling_steps}"

@@ -156,6 +156,35 @@ def _time_major(x, length):
     return F.pad(x, (0, length - x.shape[-1])).permute(2, 0, 1).contiguous()
 
 
+def _forward_chunk(delta, u, B, C, A, h0, reverse):
+    """One chunk of Q steps, time bit-reversed: y (Q, B, D) and the state after its last step."""
+    a = torch.exp(delta[..., None] * A)                                      # (Q, B, D, N)
+    b = (delta * u)[..., None] * B[:, :, None, :]                            # (Q, B, D, N)
+    h = torch.addcmul(b, a, exclusive_scan(a, b, h0, reverse))               # (Q, B, D, N)
+    return torch.einsum("qbdn,qbn->qbd", h, C), h[0 if reverse else -1].clone()  # a copy frees h
+
+
+def _backward_chunk(delta, u, B, C, dy, A, h0, k_next, reverse):
+    """The gradients of one chunk from the state entering it (h0) and k flowing back into it from
+    the chunk after it: du, ddelta (Q, B, D), dB, dC (Q, B, N), dA (D, N), and k for the chunk before."""
+    delta_u = delta * u                                                      # (Q, B, D)
+    a = torch.exp(delta[..., None] * A)                                      # (Q, B, D, N)
+    b = delta_u[..., None] * B[:, :, None, :]
+    a_h_prev = a * exclusive_scan(a, b, h0, reverse)                         # a_t h_{t-1}
+    h = a_h_prev + b                                                         # (Q, B, D, N)
+    del b  # one chunk-sized tensor fewer at the peak
+    e = dy[..., None] * C[:, :, None, :]                                     # C_t dy_t: (Q, B, D, N)
+    g = exclusive_scan(a, a * e, k_next, not reverse).add_(e)               # dLoss/dh_t
+    k_next = a[-1 if reverse else 0] * g[-1 if reverse else 0]              # flows into the chunk before
+    dC = torch.einsum("qbdn,qbd->qbn", h, dy)
+    g_B = torch.einsum("qbdn,qbn->qbd", g, B)                                # sum_n g B: (Q, B, D)
+    dB = torch.einsum("qbdn,qbd->qbn", g, delta_u)
+    g_log_a = a_h_prev.mul_(g)                                               # g a h_prev, in place
+    ddelta = g_B * u + torch.einsum("qbdn,dn->qbd", g_log_a, A)
+    dA = torch.einsum("qbdn,qbd->dn", g_log_a, delta)
+    return g_B * delta, ddelta, dB, dC, dA, k_next
+
+
 class ParallelScan(torch.autograd.Function):
     """y_t = <C_t, h_t> for h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, chunk by chunk.
 
@@ -182,13 +211,8 @@ class ParallelScan(torch.autograd.Function):
         entry_states = []
         for start in range(0, padded, chunk)[::-1] if reverse else range(0, padded, chunk):
             steps = start + order                                            # bit-reversed time
-            delta_c = delta[steps]                                           # (Q, B, D)
-            a = torch.exp(delta_c[..., None] * A)                            # (Q, B, D, N)
-            b = (delta_c * u[steps])[..., None] * B[steps, :, None, :]       # (Q, B, D, N)
-            h = torch.addcmul(b, a, exclusive_scan(a, b, h0, reverse))      # (Q, B, D, N)
-            y[steps] = torch.einsum("qbdn,qbn->qbd", h, C[steps])
             entry_states.append(h0)
-            h0 = h[0 if reverse else -1].clone()  # the last step in scan order; a copy frees h
+            y[steps], h0 = _forward_chunk(delta[steps], u[steps], B[steps], C[steps], A, h0, reverse)
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(entry_states))
         ctx.reverse, ctx.length = reverse, length
         return y[:length].permute(1, 2, 0)                                   # (B, D, L)
@@ -205,24 +229,9 @@ class ParallelScan(torch.autograd.Function):
         starts = list(range(0, padded, chunk)[::-1] if reverse else range(0, padded, chunk))
         for i in reversed(range(len(starts))):
             steps = starts[i] + order
-            delta_c, u_c, B_c = delta[steps], u[steps], B[steps]            # (Q, B, D), (Q, B, N)
-            delta_u = delta_c * u_c                                          # (Q, B, D)
-            a = torch.exp(delta_c[..., None] * A)                            # (Q, B, D, N)
-            b = delta_u[..., None] * B_c[:, :, None, :]
-            a_h_prev = a * exclusive_scan(a, b, entry_states[i], reverse)   # a_t h_{t-1}
-            h = a_h_prev + b                                                 # (Q, B, D, N)
-            del b  # one chunk-sized tensor fewer at the peak
-            e = dy[steps, :, :, None] * C[steps, :, None, :]                 # C_t dy_t: (Q, B, D, N)
-            g = exclusive_scan(a, a * e, k_next, not reverse).add_(e)       # dLoss/dh_t
-            k_next = a[-1 if reverse else 0] * g[-1 if reverse else 0]      # flows into the chunk before
-
-            dC[steps] = torch.einsum("qbdn,qbd->qbn", h, dy[steps])
-            g_B = torch.einsum("qbdn,qbn->qbd", g, B_c)                     # sum_n g B: (Q, B, D)
-            du[steps] = g_B * delta_c
-            dB[steps] = torch.einsum("qbdn,qbd->qbn", g, delta_u)
-            g_log_a = a_h_prev.mul_(g)                                       # g a h_prev, in place
-            ddelta[steps] = g_B * u_c + torch.einsum("qbdn,dn->qbd", g_log_a, A)
-            dA += torch.einsum("qbdn,qbd->dn", g_log_a, delta_c)
+            du[steps], ddelta[steps], dB[steps], dC[steps], dA_chunk, k_next = _backward_chunk(
+                delta[steps], u[steps], B[steps], C[steps], dy[steps], A, entry_states[i], k_next, reverse)
+            dA += dA_chunk
         length = ctx.length
         du, ddelta, dB, dC = (x[:length].permute(1, 2, 0) for x in (du, ddelta, dB, dC))
         return du, ddelta, dA, dB, dC, None

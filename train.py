@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from data import DATASETS, UserError, make_dataset
 from diffusion import Diffusion
 from dim import PRESETS
-from sample import generate, load_checkpoint, model_from_args, save_samples
+from sample import generate, load_checkpoint, model_from_args, save_samples, to_pixels
 
 ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must match to resume
 
@@ -35,16 +35,22 @@ ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="shapes")
-    parser.add_argument("--data-path", default=None, help="folder of the data set (folder: <class>/<images>)")
+    parser.add_argument("--data-path", default=None, help="folder: <class>/<images>; imagenet: a latent cache of "
+                        "python data.py extract; ucf101: the folder holding UCF-101/ (or a latent cache)")
     parser.add_argument("--model", choices=list(PRESETS), default="DiM-Ti/4")
     parser.add_argument("--mixer", choices=["mamba", "attention"], default="mamba",
                         help="token mixer: mamba (DiM) or attention (the same model as DiT)")
-    parser.add_argument("--image-size", type=int, default=16, help="side of the images the model sees")
-    parser.add_argument("--num-frames", type=int, default=1, help="frames per clip; 1 for images")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="side of the images in pixels (default: shapes 16, folder 32, ucf101 64; "
+                             "a latent cache knows its own)")
+    parser.add_argument("--num-frames", type=int, default=None, help="frames per clip; 1 for images (default: "
+                        "16 for ucf101, else 1)")
+    parser.add_argument("--frame-interval", type=int, default=3, help="ucf101: take every k-th frame")
+    parser.add_argument("--split", default="all", help="ucf101: all, train1..3, test1..3")
     parser.add_argument("--global-batch-size", type=int, default=32, help="summed over all ranks")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (DiT: 1e-4 at batch 256)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (DiT: 1e-4 at batch 256)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--max-steps", type=int, default=900, help="the default fits 10 minutes on 2 CPU cores")
+    parser.add_argument("--max-steps", type=int, default=1500, help="the default fits 10 minutes on 2 CPU cores")
     parser.add_argument("--ema-decay", type=float, default=0.9999,
                         help="EMA decay, warmed up as min(decay, (1 + step) / (10 + step))")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns it off")
@@ -183,13 +189,15 @@ def train(args, rank, world, local_rank):
     # --- checks that need no work, then the data and the model --------------------------------
     resume_path = find_resume(args) if args.resume else None
     resume = load_checkpoint(resume_path) if resume_path else None
+    dataset, info = make_dataset(args.dataset, args.data_path, args.image_size, args.num_frames, args.global_seed,
+                                 args.frame_interval, args.split)
+    args.image_size, args.num_frames = info["image_size"], info["num_frames"]  # the data set's defaults
     if resume is not None:
         old = resume["args"]
         different = [f"--{k.replace('_', '-')} {old[k]} (checkpoint) vs {getattr(args, k)} (now)"
                      for k in ARCHITECTURE if old.get(k) != getattr(args, k)]
         if different:
             raise UserError("--resume: the checkpoint is of another model or data set: " + "; ".join(different))
-    dataset, info = make_dataset(args.dataset, args.data_path, args.image_size, args.num_frames, args.global_seed)
     if len(dataset) < args.global_batch_size:
         raise UserError(f"the data set has {len(dataset)} items, fewer than --global-batch-size {args.global_batch_size}")
     torch.manual_seed(args.global_seed)  # the same initial weights on every rank and every run
@@ -269,13 +277,16 @@ def train(args, rank, world, local_rank):
                 dist.all_reduce(mean_loss)
                 mean_loss /= world
             rate = (step - last_step) / (time.time() - last_time)
+            skipped = getattr(getattr(dataset, "skipped", None), "value", 0)
             log(f"step {step:7d}  loss {mean_loss.item():.4f}  steps/s {rate:.2f}  "
-                f"grad_norm {torch.stack(norms).mean().item():.3f}")
+                f"grad_norm {torch.stack(norms).mean().item():.3f}"
+                + (f"  ({skipped} unreadable videos skipped so far)" if skipped else ""))
             bar.set_postfix(loss=f"{mean_loss.item():.4f}")
             losses, norms, last_time, last_step = [], [], time.time(), step
         if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
-            labels = torch.arange(info["num_classes"]).repeat(max(1, 36 // info["num_classes"]))
-            samples = generate(ema, labels, "ddim", 50, cfg_scale=4.0, seed=args.global_seed)
+            per_class = max(1, (36 if args.num_frames == 1 else 12) // info["num_classes"])  # clips cost T times more
+            labels = torch.arange(info["num_classes"]).repeat(per_class)
+            samples = to_pixels(generate(ema, labels, "ddim", 50, cfg_scale=4.0, seed=args.global_seed), info)
             path = save_samples(samples, os.path.join(run_dir, "samples", f"{step:07d}.{'gif' if args.num_frames > 1 else 'png'}"),
                                 columns=info["num_classes"])
             log(f"step {step:7d}  samples (EMA, DDIM 50, guidance 4) in {path}")
