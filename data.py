@@ -4,9 +4,13 @@
            or a moving shape per clip with num_frames > 1. Deterministic from a seed. It comes with
            `judge`, a fixed rule that names the class of an image, so samples can be scored.
   folder   any ImageFolder tree (one sub-folder per class), DiT's centre crop, random flips.
+  ucf101   the official UCF-101 tree: clips decoded with PyAV (optional package `av`), in pixels.
+  imagenet, ucf101 in latent space: a cache of Stable Diffusion VAE latents (optional package
+           `diffusers`) that `python data.py extract` writes, resumably and shared over torchrun ranks.
 
-The paper trains on ImageNet latents and UCF-101 clips; the shapes set lets the whole path run on
-a laptop CPU in minutes and gives a number (judged accuracy) that says whether the model learned.
+The paper trains on ImageNet latents (DiT's setting) and UCF-101 clips; the shapes set lets the
+whole path run on a laptop CPU in minutes and gives a number (judged accuracy) that says whether
+the model learned.
 """
 
 import argparse
@@ -411,6 +415,7 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
                 latent_size=image_size // 8, channels=4, vae=vae, scale=LATENT_SCALE, class_names=classes,
                 items=len(sources), split=split, frame_interval=frame_interval if dataset == "ucf101" else 1,
                 batch_size=batch_size, complete=False)
+    vae_model = load_vae(vae, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
     os.makedirs(out, exist_ok=True)
     meta_file = os.path.join(out, "meta.json")
     if os.path.isfile(meta_file):  # resuming: the same extraction, or refuse to touch it
@@ -441,7 +446,6 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
     latents = np.load(os.path.join(out, "latents.npy"), mmap_mode="r+")
     index = np.load(os.path.join(out, "index.npy"))
     done = np.load(os.path.join(out, "done.npy"), mmap_mode="r+")
-    vae_model = load_vae(vae, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
     mine = [u for u in range(rank, len(units), world) if not done[u]]
     for u in tqdm(mine, desc=f"extracting {dataset} (rank {rank})", disable=not progress):
         if dataset == "imagenet":

@@ -5,6 +5,8 @@ their own index (in their brightness) and their orientation (a bright bar on the
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -118,6 +120,20 @@ def test_interrupted_and_sharded_extractions_give_the_same_array(image_tree, vae
 
     with pytest.raises(UserError, match="holds another extraction .*image_size"):
         data.extract("imagenet", image_tree, str(tmp_path / "c"), 64, vae_dir, batch_size=4, progress=False)
+
+
+def test_extraction_under_torchrun_shares_the_work(image_tree, vae_dir, tmp_path):
+    reference = np.load(os.path.join(extract_images(image_tree, vae_dir, tmp_path / "one"), "latents.npy"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+               os.path.join(root, "data.py"), "extract", "--dataset", "imagenet", "--data-path", image_tree,
+               "--out", str(tmp_path / "two"), "--image-size", "32", "--vae", vae_dir, "--batch-size", "4"]
+    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0" in result.stderr and "rank 1" not in result.stderr  # one progress bar
+    assert json.load(open(tmp_path / "two" / "meta.json"))["complete"]
+    assert np.array_equal(np.load(tmp_path / "two" / "latents.npy"), reference)
 
 
 #################################################################################
