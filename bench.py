@@ -126,14 +126,18 @@ def bench_scan(args):
             grads = [x[k].requires_grad_() for k in ("u", "delta", "B", "C", "z")]
             ref_y, ref_grads = None, None
             dy = torch.randn(args.batch, args.dim, length, device=device, dtype=dtype)
-            options = dict(parallel=args.chunk, triton=args.triton_config)
+            options = dict(parallel=args.chunk,
+                           triton=[f"{b}/{f}" for b in args.triton_config for f in args.triton_forward_config])
             variants = [(b, c) for b in args.backend for c in options.get(b, [None])]
             for backend, chunk in variants:
                 if backend == "parallel":
                     scan_module.CHUNK = chunk
                 if backend == "triton":
+                    backward_config, forward_config = chunk.split("/")
                     scan_module.TRITON_BLOCK_D, scan_module.TRITON_TILE, scan_module.TRITON_WARPS = \
-                        map(int, chunk.split("x"))
+                        map(int, backward_config.split("x"))
+                    scan_module.TRITON_FORWARD_BLOCK_D, scan_module.TRITON_FORWARD_WARPS = \
+                        map(int, forward_config.split("x"))
 
                 def forward():
                     with torch.no_grad():
@@ -380,7 +384,10 @@ def main(argv=None):
                       help="chunk sizes of the parallel scan to try")
     scan.add_argument("--triton-config", nargs="+", default=[
         f"{scan_module.TRITON_BLOCK_D}x{scan_module.TRITON_TILE}x{scan_module.TRITON_WARPS}"],
-        help="Triton kernel shapes to try, as DxTxW (channels per program x steps per tile x warps)")
+        help="Triton backward kernel shapes to try, as DxTxW (channels per program x steps per tile x warps)")
+    scan.add_argument("--triton-forward-config", nargs="+", default=[
+        f"{scan_module.TRITON_FORWARD_BLOCK_D}x{scan_module.TRITON_FORWARD_WARPS}"],
+        help="Triton forward kernel shapes to try, as DxW (channels per program x warps)")
     model = sub.add_parser("model", help="time DiM against attention, block and whole model (GPU)")
     model.add_argument("--models", nargs="+", default=["DiM-S/2", "DiM-XL/2"])
     model.add_argument("--scan", nargs="+", default=["triton", "parallel"], help="scans for the block sweep")

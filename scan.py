@@ -242,12 +242,13 @@ class ParallelScan(torch.autograd.Function):
 #################################################################################
 #
 # One program per (batch, block of BLOCK_D channels). The state (BLOCK_D, N) stays in registers in
-# fp32 while the program walks L in tiles of T steps. Per tile it loads u, delta, z (BLOCK_D, T) and
-# B, C (N, T), forms a = exp2(delta A log2 e) and b = delta u B as (BLOCK_D, N, T), and solves the
-# tile's recurrence with tl.associative_scan, starting from the state carried in. Forward stores y
-# and the state entering each tile (the checkpoints); backward walks the tiles the other way,
-# recomputes each tile from its checkpoint and runs the adjoint scan. `reverse` only changes the
-# order of tiles and the direction of the scans: nothing is flipped in memory.
+# fp32 while the program walks L in tiles of T steps; each tile's u, delta, z (BLOCK_D, T) and B, C
+# (N, T) are loaded at once. The forward then steps through the tile one time step after another
+# (the recurrence as written) and stores y and the state entering each tile (the checkpoints). The
+# backward walks the tiles the other way, recomputes each tile's states from its checkpoint with
+# tl.associative_scan over a = exp2(delta A log2 e) and b = delta u B as (BLOCK_D, N, T), and runs
+# the adjoint scan the same way. `reverse` only changes the order of tiles and steps: nothing is
+# flipped in memory.
 
 try:
     import triton
@@ -300,6 +301,11 @@ if triton is not None:
                              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                              SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
                              N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
+        # The recurrence as written, one step after another, with the state (BLOCK_D, N) in registers:
+        # a step costs one exp2 and two multiply-adds per (channel, state). The inputs of T steps are
+        # loaded at once, coalesced, and each step picks its column out of the registers, so memory
+        # latency is paid once a tile, not once a step. The state entering each tile is stored: the
+        # backward's checkpoints.
         batch = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)                  # (BLOCK_D,)
         n = tl.arange(0, N)
@@ -315,19 +321,22 @@ if triton is not None:
                 u_ptr, delta_ptr, B_ptr, C_ptr, bias, batch, d, t, dim, length, HAS_BIAS, SOFTPLUS, N)
             state_offsets = ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :]
             tl.store(states_ptr + state_offsets, h, mask=d[:, None] < dim)      # the checkpoint
-            a = tl.exp2(delta[:, None, :] * A[:, :, None])                      # (BLOCK_D, N, T)
-            b = (delta * u)[:, None, :] * B[None, :, :]                         # (BLOCK_D, N, T)
-            a_run, b_run = tl.associative_scan((a, b), axis=2, combine_fn=_step_then_step, reverse=REVERSE)
-            h_all = a_run * h[:, :, None] + b_run                               # (BLOCK_D, N, T)
-            y = tl.sum(h_all * C[None, :, :], axis=1)                           # (BLOCK_D, T)
+            delta_u = delta * u
+            y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            for s in tl.static_range(T):
+                here = steps == (T - 1 - s if REVERSE else s)                   # this step's column
+                delta_s = tl.sum(tl.where(here[None, :], delta, 0.0), axis=1)  # (BLOCK_D,)
+                delta_u_s = tl.sum(tl.where(here[None, :], delta_u, 0.0), axis=1)
+                B_s = tl.sum(tl.where(here[None, :], B, 0.0), axis=1)          # (N,)
+                C_s = tl.sum(tl.where(here[None, :], C, 0.0), axis=1)
+                h = tl.exp2(delta_s[:, None] * A) * h + delta_u_s[:, None] * B_s[None, :]
+                y = tl.where(here[None, :], tl.sum(h * C_s[None, :], axis=1)[:, None], y)
             if HAS_D:
                 y += skip[:, None] * u
             if HAS_Z:
                 z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
                 y = y * z * tl.sigmoid(z)
             tl.store(y_ptr + offsets, y, mask=valid)
-            last = 0 if REVERSE else T - 1
-            h = tl.sum(tl.where(steps[None, None, :] == last, h_all, 0.0), axis=2)
 
     @triton.jit
     def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr,
@@ -395,7 +404,8 @@ if triton is not None:
             tl.store(dD_ptr + batch * dim + d, dD, mask=d < dim)
 
 
-TRITON_BLOCK_D, TRITON_TILE, TRITON_WARPS = 4, 16, 2  # channels per program, steps per tile, warps
+TRITON_BLOCK_D, TRITON_TILE, TRITON_WARPS = 4, 16, 2  # backward: channels per program, steps per tile, warps
+TRITON_FORWARD_BLOCK_D, TRITON_FORWARD_WARPS = 16, 1    # forward: channels per program, warps
 
 
 def triton_available(device):
@@ -415,11 +425,11 @@ class TritonScan(torch.autograd.Function):
         num_tiles = triton.cdiv(length, TRITON_TILE)
         y = torch.empty_like(u)
         states = u.new_empty(batch, dim, num_tiles, state, dtype=torch.float32)
-        grid = (batch, triton.cdiv(dim, TRITON_BLOCK_D))
+        grid = (batch, triton.cdiv(dim, TRITON_FORWARD_BLOCK_D))
         _scan_forward_kernel[grid](u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), y, states,
                                    dim, length, num_tiles, D is not None, z is not None, delta_bias is not None,
-                                   delta_softplus, reverse, state, TRITON_BLOCK_D, TRITON_TILE,
-                                   num_warps=TRITON_WARPS)
+                                   delta_softplus, reverse, state, TRITON_FORWARD_BLOCK_D, TRITON_TILE,
+                                   num_warps=TRITON_FORWARD_WARPS)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.options = (delta_softplus, reverse)
         return y
