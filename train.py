@@ -57,7 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="autocast precision (default: bf16 on GPUs, fp32 on the CPU)")
     parser.add_argument("--grad-ckpt", action="store_true", help="recompute each block in the backward pass")
-    parser.add_argument("--scan", choices=["auto", "parallel", "ref"], default="auto",
+    parser.add_argument("--scan", choices=["auto", "parallel", "triton", "ref"], default="auto",
                         help="selective-scan backend of scan.py")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=1000)
