@@ -5,8 +5,9 @@
            `judge`, a fixed rule that names the class of an image, so samples can be scored.
   folder   any ImageFolder tree (one sub-folder per class), DiT's centre crop, random flips.
   ucf101   the official UCF-101 tree: clips decoded with PyAV (optional package `av`), in pixels.
-  imagenet, ucf101 in latent space: a cache of Stable Diffusion VAE latents (optional package
-           `diffusers`) that `python data.py extract` writes, resumably and shared over torchrun ranks.
+  imagenet, and folder or ucf101 in latent space: a cache of Stable Diffusion VAE latents (optional
+           package `diffusers`) that `python data.py extract` writes, resumably and shared over
+           torchrun ranks.
 
 The paper trains on ImageNet latents (DiT's setting) and UCF-101 clips; the shapes set lets the
 whole path run on a laptop CPU in minutes and gives a number (judged accuracy) that says whether
@@ -396,7 +397,7 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
     The work is cut into units (a batch of images, or one video), each rank takes every world-th
     unit and writes only its rows, and done.npy marks a unit finished after its rows are flushed:
     an interrupted extraction run again skips finished units and redoes the rest, bit for bit."""
-    if dataset == "imagenet":
+    if dataset in ("imagenet", "folder"):  # ImageNet's train/ is an ImageFolder tree like any other
         from torchvision.datasets import ImageFolder
         check_image_folder(data_path)
         found = ImageFolder(data_path)
@@ -408,7 +409,7 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
         units = [[i] for i in range(len(sources))]
         counts = None  # known once rank 0 has looked at every video
     else:
-        raise UserError(f"python data.py extract knows imagenet and ucf101, not {dataset!r}")
+        raise UserError(f"python data.py extract knows imagenet, folder and ucf101, not {dataset!r}")
     if image_size % 8:
         raise UserError(f"--image-size {image_size}: the VAE needs a multiple of 8")
     meta = dict(dataset=dataset, source=os.path.abspath(data_path), image_size=image_size,
@@ -448,7 +449,7 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
     done = np.load(os.path.join(out, "done.npy"), mmap_mode="r+")
     mine = [u for u in range(rank, len(units), world) if not done[u]]
     for u in tqdm(mine, desc=f"extracting {dataset} (rank {rank})", disable=not progress):
-        if dataset == "imagenet":
+        if dataset != "ucf101":
             images = [np.array(center_crop_arr(Image.open(sources[i]).convert("RGB"), image_size)) for i in units[u]]
             pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)     # (n, 3, H, W) uint8
             rows = index[units[u], 0]
@@ -502,10 +503,11 @@ def make_dataset(name, data_path=None, image_size=None, num_frames=None, seed=0,
     """(dataset, info): info says what the model is built for: channels, classes, the image side,
     the side of the model's input (the image, or its latent of side image_size / 8), the frames,
     and for latents the VAE that turns samples back into pixels."""
-    if name == "imagenet" or (name == "ucf101" and os.path.isfile(os.path.join(data_path or "", "meta.json"))):
+    cached = os.path.isfile(os.path.join(data_path or "", "meta.json"))  # a latent cache of data.py extract
+    if name == "imagenet" or (name in ("folder", "ucf101") and cached):
         frames = num_frames or (16 if name == "ucf101" else 1)
-        if name == "imagenet" and frames > 1:
-            raise UserError("--dataset imagenet holds images; use --num-frames 1")
+        if name != "ucf101" and frames > 1:
+            raise UserError(f"--dataset {name} holds images; use --num-frames 1")
         dataset = LatentDataset(data_path, name, frames, frame_interval)
         meta = dataset.meta
         if image_size not in (None, meta["image_size"]):
@@ -543,8 +545,9 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     ex = commands.add_parser("extract", help="encode imagenet or ucf101 into a latent cache (resumable)")
-    ex.add_argument("--dataset", choices=["imagenet", "ucf101"], required=True)
-    ex.add_argument("--data-path", required=True, help="ImageNet's train/ folder, or the folder holding UCF-101/")
+    ex.add_argument("--dataset", choices=["imagenet", "folder", "ucf101"], required=True)
+    ex.add_argument("--data-path", required=True, help="ImageNet's train/ folder (or any ImageFolder tree), or "
+                    "the folder holding UCF-101/")
     ex.add_argument("--out", required=True, help="the cache folder; run again to resume")
     ex.add_argument("--image-size", type=int, default=256, help="pixels; latents are 1/8 of it")
     ex.add_argument("--vae", default="ema", help="ema, mse (stabilityai/sd-vae-ft-*) or a local folder")

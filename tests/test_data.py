@@ -73,6 +73,8 @@ def test_imagenet_extraction_then_training_and_sampling(image_tree, vae_dir, tmp
     assert {next(f for f in (0, 1) if torch.equal(d, stored[f])) for d in draws} == {0, 1}  # both flips come up
     with pytest.raises(UserError, match="latents in .* are of 32-pixel images"):
         data.make_dataset("imagenet", out, image_size=64)
+    with pytest.raises(UserError, match="a latent cache of imagenet, not of folder"):
+        data.make_dataset("folder", out)  # a folder cache is made with --dataset folder
 
     result = train.main(train.parse_args(["--dataset", "imagenet", "--data-path", out, "--model", "DiM-Ti/2",
                                           "--max-steps", "2", "--global-batch-size", "4", "--no-progress",
@@ -82,6 +84,14 @@ def test_imagenet_extraction_then_training_and_sampling(image_tree, vae_dir, tmp
                                           "--num-sampling-steps", "4", "--out", str(tmp_path / "grid.png")]))
     assert grid["samples"].shape == (4, 3, 32, 32)                  # decoded by the VAE to pixels
     assert Image.open(grid["path"]).size == (2 * 34, 2 * 34)
+
+
+def test_any_image_folder_can_be_trained_in_latent_space(image_tree, vae_dir, tmp_path):
+    out = data.extract("folder", image_tree, str(tmp_path / "cache"), 16, vae_dir, progress=False)
+    dataset, info = data.make_dataset("folder", out)
+    assert (len(dataset), info["channels"], info["input_size"], info["vae"]) == (10, 4, 2, vae_dir)
+    dataset, info = data.make_dataset("folder", image_tree, image_size=16)  # the tree itself: pixels
+    assert (info["channels"], dataset[0][0].shape) == (3, (3, 16, 16))
 
 
 def test_interrupted_and_sharded_extractions_give_the_same_array(image_tree, vae_dir, tmp_path, monkeypatch):
