@@ -286,15 +286,18 @@ def read_frames(path, image_size, wanted=None, every=1):
     """Decoded frames of a video, resized and cropped: those numbered in `wanted` (decoding stops
     after the last of them), or every `every`-th frame. (T, H, W, 3) uint8, in the order asked."""
     av = require("av", "decoding UCF-101 videos")
-    frames = {}
+    frames, number = {}, -1
     with av.open(path) as container:
         for number, frame in enumerate(container.decode(video=0)):
             if (wanted is None and number % every == 0) or (wanted is not None and number in wanted):
                 frames[number] = resize_crop(frame, image_size)
             if wanted is not None and number >= max(wanted):
                 break
-    if not frames:
+    if number < 0:
         raise ValueError(f"no frames decoded from {path}")
+    if wanted is not None and any(n not in frames for n in wanted):
+        # the header promised more frames than the video has: loop over those it has
+        return read_frames(path, image_size, [n % (number + 1) for n in wanted])
     order = sorted(frames) if wanted is None else wanted
     return np.stack([frames[n] for n in order])
 

@@ -214,6 +214,11 @@ def test_ucf101_clip_sampler_picks_the_right_frames(ucf_root):
     numbers, _ = read_clip(clip)
     assert label == 1 and numbers == [(numbers[0] + 3 * k) % 5 for k in range(4)]
 
+    # A header that promises more frames than there are (100 for 30): the clip loops over the real ones.
+    frames = data.read_frames(dataset.paths[long], 16, [81, 84, 87, 90])
+    numbers, _ = read_clip(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert numbers == [21, 24, 27, 0]
+
     corrupt = names.index("v_Basketball_g09_c01.avi")
     clip, label = dataset[corrupt]  # skipped: the next video (in order, wrapping) is read instead
     assert dataset.skipped.value == 1 and clip.shape == (4, 3, 16, 16)
