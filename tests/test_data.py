@@ -245,8 +245,10 @@ def test_ucf101_splits_and_errors(ucf_root, tmp_path):
 
 def test_ucf101_training_then_gif_and_mp4(ucf_root, tmp_path):
     result = train.main(train.parse_args(["--dataset", "ucf101", "--data-path", ucf_root, "--num-frames", "4",
-                                          "--image-size", "16", "--max-steps", "2", "--global-batch-size", "2",
-                                          "--no-progress", "--results-dir", str(tmp_path / "runs")]))
+                                          "--image-size", "16", "--max-steps", "2", "--global-batch-size", "4",
+                                          "--log-every", "1", "--no-progress", "--results-dir", str(tmp_path / "runs")]))
+    with open(os.path.join(result["run_dir"], "log.txt")) as f:
+        assert "(1 unreadable videos skipped so far)" in f.read()  # 8 of the 5 videos read: the corrupt one too
     ckpt = torch.load(result["checkpoint"], weights_only=True)
     assert (ckpt["args"]["num_frames"], ckpt["args"]["frame_interval"], ckpt["data_info"]["num_classes"]) == (4, 3, 2)
     out = sample.main(sample.parse_args(["--ckpt", result["checkpoint"], "--num-samples", "2",
