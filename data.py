@@ -232,9 +232,11 @@ def ucf101_videos(root, split="all"):
     """(paths, labels, class names) of UCF-101 in its official layout: root/UCF-101/<Class>/v_*.avi
     (or root itself holding the class folders) and ucfTrainTestlist/ with classInd.txt and
     trainlist0K.txt / testlist0K.txt beside or inside it. split: all, train1..3, test1..3."""
-    if not root or not os.path.isdir(root):
-        raise UserError(f"--data-path {root} is not a folder: for ucf101 give the folder holding UCF-101/ "
-                        "and ucfTrainTestlist/ (from crcv.ucf.edu/data/UCF101.php)")
+    where = "the folder holding UCF-101/ and ucfTrainTestlist/ (from crcv.ucf.edu/data/UCF101.php)"
+    if not root:
+        raise UserError(f"--dataset ucf101 needs --data-path: {where}")
+    if not os.path.isdir(root):
+        raise UserError(f"--data-path {root} is not a folder: for ucf101 give {where}")
     videos = os.path.join(root, "UCF-101") if os.path.isdir(os.path.join(root, "UCF-101")) else root
     lists = next((p for p in (os.path.join(root, "ucfTrainTestlist"), os.path.join(os.path.dirname(videos), "ucfTrainTestlist"))
                   if os.path.isdir(p)), None)
