@@ -350,10 +350,12 @@ class UCF101(torch.utils.data.Dataset):
 #################################################################################
 
 def read_meta(path, dataset):
-    meta_file = os.path.join(path or "", "meta.json")
-    if not path or not os.path.isfile(meta_file):
-        raise UserError(f"--data-path {path} holds no latent cache (meta.json): build one with "
-                        f"python data.py extract --dataset {dataset} --data-path SOURCE --out {path or 'DIR'}")
+    build = f"python data.py extract --dataset {dataset} --data-path SOURCE --out {path or 'DIR'}"
+    if not path:
+        raise UserError(f"--dataset {dataset} needs --data-path DIR, a latent cache built by {build}")
+    meta_file = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_file):
+        raise UserError(f"--data-path {path} holds no latent cache (meta.json): build one with {build}")
     with open(meta_file) as f:
         meta = json.load(f)
     if meta.get("dataset") != dataset:
