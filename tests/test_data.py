@@ -241,6 +241,10 @@ def test_ucf101_splits_and_errors(ucf_root, tmp_path):
         data.ucf101_videos(str(tmp_path))
     with pytest.raises(UserError, match="python data.py extract --dataset imagenet"):
         data.make_dataset("imagenet", str(tmp_path))
+    with pytest.raises(UserError, match="--dataset imagenet needs --data-path"):
+        data.make_dataset("imagenet", None)
+    with pytest.raises(UserError, match="--dataset ucf101 needs --data-path"):
+        data.make_dataset("ucf101", None)
 
 
 def test_ucf101_training_then_gif_and_mp4(ucf_root, tmp_path):
