@@ -128,12 +128,12 @@ def bench_scan(args):
             dy = torch.randn(args.batch, args.dim, length, device=device, dtype=dtype)
             options = dict(parallel=args.chunk,
                            triton=[f"{b}/{f}" for b in args.triton_config for f in args.triton_forward_config])
-            variants = [(b, c) for b in args.backend for c in options.get(b, [None])]
-            for backend, chunk in variants:
+            variants = [(b, o) for b in args.backend for o in options.get(b, [None])]
+            for backend, option in variants:  # option: a chunk size, or the Triton kernel shapes
                 if backend == "parallel":
-                    scan_module.CHUNK = chunk
+                    scan_module.CHUNK = option
                 if backend == "triton":
-                    backward_config, forward_config = chunk.split("/")
+                    backward_config, forward_config = option.split("/")
                     scan_module.TRITON_BLOCK_D, scan_module.TRITON_TILE, scan_module.TRITON_WARPS = \
                         map(int, backward_config.split("x"))
                     scan_module.TRITON_FORWARD_BLOCK_D, scan_module.TRITON_FORWARD_WARPS = \
@@ -163,7 +163,7 @@ def bench_scan(args):
                 fwd = timed(forward, repeats=repeats, warmup=1)
                 fwd_bwd = timed(forward_backward, repeats=repeats, warmup=1)
                 memory = peak_memory_gb(forward_backward)
-                name = f"{backend}({chunk})" if chunk else backend
+                name = f"{backend}({option})" if option else backend
                 row = dict(backend=name, dtype=dtype_name, shape=shape, fwd=fwd, fwd_bwd=fwd_bwd,
                            memory=memory, error=error, grad_error=grad_error)
                 if on_gpu:

@@ -93,8 +93,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 
 TEMPLATE = 8  # the judge compares shapes at 8 x 8, cropped to their bounding box
-TEMPLATES = torch.stack([F.adaptive_avg_pool2d(torch.from_numpy(shape_mask(s, (32, 32), 32, 64)).float()[None], TEMPLATE)[0]
-                         for s in SHAPES])                                  # (3, 8, 8)
+TEMPLATES = torch.stack([F.adaptive_avg_pool2d(torch.from_numpy(shape_mask(s, (32, 32), 32, 64))[None].float(),
+                                                TEMPLATE)[0] for s in SHAPES])  # (3, 8, 8)
 
 
 def judge(images):
@@ -238,8 +238,8 @@ def ucf101_videos(root, split="all"):
     if not os.path.isdir(root):
         raise UserError(f"--data-path {root} is not a folder: for ucf101 give {where}")
     videos = os.path.join(root, "UCF-101") if os.path.isdir(os.path.join(root, "UCF-101")) else root
-    lists = next((p for p in (os.path.join(root, "ucfTrainTestlist"), os.path.join(os.path.dirname(videos), "ucfTrainTestlist"))
-                  if os.path.isdir(p)), None)
+    beside = (os.path.join(root, "ucfTrainTestlist"), os.path.join(os.path.dirname(videos), "ucfTrainTestlist"))
+    lists = next((p for p in beside if os.path.isdir(p)), None)
     if lists and os.path.isfile(os.path.join(lists, "classInd.txt")):
         with open(os.path.join(lists, "classInd.txt")) as f:                # "1 ApplyEyeMakeup"
             classes = [line.split()[1] for line in f if line.strip()]
@@ -423,7 +423,9 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
                 latent_size=image_size // 8, channels=4, vae=vae, scale=LATENT_SCALE, class_names=classes,
                 items=len(sources), split=split, frame_interval=frame_interval if dataset == "ucf101" else 1,
                 batch_size=batch_size, complete=False)
-    vae_model = load_vae(vae, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    vae_model = load_vae(vae, device)
+    distributed = dist.is_available() and dist.is_initialized()
     os.makedirs(out, exist_ok=True)
     meta_file = os.path.join(out, "meta.json")
     if os.path.isfile(meta_file):  # resuming: the same extraction, or refuse to touch it
@@ -448,7 +450,7 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
                                   (max(1, sum(counts)), 2, 4, image_size // 8, image_size // 8)).flush()
         np.save(os.path.join(out, "done.npy"), np.zeros(len(units), dtype=np.uint8))
         write_json(meta_file, meta)
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         dist.barrier()  # rank 0 has laid out the files
 
     latents = np.load(os.path.join(out, "latents.npy"), mmap_mode="r+")
@@ -480,9 +482,8 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
         latents.flush()
         done[u] = 1
         done.flush()
-    distributed = dist.is_available() and dist.is_initialized()
     if distributed:
-        dist.barrier()
+        dist.barrier()  # every rank has finished its units
     done = np.load(os.path.join(out, "done.npy"))
     if (rank == 0 or not distributed) and done.all():
         index[[units[u][0] for u in np.nonzero(done == 2)[0]], 1] = 0  # undecodable videos: no rows, skipped

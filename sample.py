@@ -4,7 +4,8 @@
     python sample.py --ckpt PATH --sampler ddpm --num-sampling-steps 250 --cfg-scale 4 --class-labels 0 1 2
 
 The model is rebuilt from the arguments stored in the checkpoint; the EMA weights are used, as in
-DiT. A model trained on latents has its samples decoded by the VAE the latents were made with. For the shapes data set, --judge reports how many samples show the class that was asked for.
+DiT. A model trained on latents has its samples decoded by the VAE the latents were made with. For
+the shapes data set, --judge reports how many samples show the class that was asked for.
 """
 
 import argparse
@@ -35,9 +36,9 @@ def load_checkpoint(path):
 
 def model_from_args(args, info):
     """Build the DiM that train.py trains for these arguments (a dict) and data set info."""
-    return build_model(args["model"], input_size=info.get("input_size", args["image_size"]), in_channels=info["channels"],
-                       num_classes=info["num_classes"], num_frames=args["num_frames"], mixer=args["mixer"],
-                       scan_backend=args["scan"], grad_ckpt=args.get("grad_ckpt", False))
+    return build_model(args["model"], input_size=info.get("input_size", args["image_size"]),  # latents: side / 8
+                       in_channels=info["channels"], num_classes=info["num_classes"], num_frames=args["num_frames"],
+                       mixer=args["mixer"], scan_backend=args["scan"], grad_ckpt=args.get("grad_ckpt", False))
 
 
 @torch.no_grad()
@@ -68,8 +69,7 @@ def to_pixels(samples, info, vae=None):
     pixel samples as they are."""
     if "vae" not in info:
         return samples
-    device = samples.device if samples.is_cuda else "cpu"
-    pixels = decode(load_vae(vae or info["vae"], device), samples.flatten(0, samples.dim() - 4))
+    pixels = decode(load_vae(vae or info["vae"], samples.device), samples.flatten(0, samples.dim() - 4))
     return pixels.view(*samples.shape[:-3], *pixels.shape[1:])               # (N, [T,] 3, H, W)
 
 
