@@ -156,41 +156,43 @@ def _time_major(x, length):
     return F.pad(x, (0, length - x.shape[-1])).permute(2, 0, 1).contiguous()
 
 
-def _forward_chunk(delta, u, B, C, A, h0, reverse):
-    """One chunk of Q steps, time bit-reversed: y (Q, B, D) and the state after its last step."""
-    a = torch.exp(delta[..., None] * A)                                      # (Q, B, D, N)
-    b = (delta * u)[..., None] * B[:, :, None, :]                            # (Q, B, D, N)
-    h = torch.addcmul(b, a, exclusive_scan(a, b, h0, reverse))               # (Q, B, D, N)
-    return torch.einsum("qbdn,qbn->qbd", h, C), h[0 if reverse else -1].clone()  # a copy frees h
+def _forward_chunk(delta, u, B, C, At, h0, reverse):
+    """One chunk of Q steps, time bit-reversed: y (Q, B, D) and the state after its last step.
+    State tensors are (Q, B, N, D): channels innermost, so every broadcast runs along a long row."""
+    a = torch.exp(delta[:, :, None, :] * At)                                 # (Q, B, N, D)
+    b = (delta * u)[:, :, None, :] * B[..., None]                            # (Q, B, N, D)
+    h = b.addcmul_(a, exclusive_scan(a, b, h0, reverse))                     # h_t = a_t h_{t-1} + b_t, in b
+    y = torch.matmul(C[:, :, None, :], h)[:, :, 0]                          # <C_t, h_t>: (Q, B, D)
+    return y, h[0 if reverse else -1].clone()  # a copy frees h
 
 
-def _backward_chunk(delta, u, B, C, dy, A, h0, k_next, reverse):
+def _backward_chunk(delta, u, B, C, dy, At, h0, k_next, reverse):
     """The gradients of one chunk from the state entering it (h0) and k flowing back into it from
-    the chunk after it: du, ddelta (Q, B, D), dB, dC (Q, B, N), dA (D, N), and k for the chunk before."""
+    the chunk after it: du, ddelta (Q, B, D), dB, dC (Q, B, N), dA^T (N, D), and k for the chunk before."""
     delta_u = delta * u                                                      # (Q, B, D)
-    a = torch.exp(delta[..., None] * A)                                      # (Q, B, D, N)
-    b = delta_u[..., None] * B[:, :, None, :]
-    a_h_prev = a * exclusive_scan(a, b, h0, reverse)                         # a_t h_{t-1}
-    h = a_h_prev + b                                                         # (Q, B, D, N)
+    a = torch.exp(delta[:, :, None, :] * At)                                 # (Q, B, N, D)
+    b = delta_u[:, :, None, :] * B[..., None]
+    h_prev = exclusive_scan(a, b, h0, reverse)                               # h_{t-1}: (Q, B, N, D)
+    dC = torch.matmul(b.addcmul_(a, h_prev), dy[..., None])[..., 0]         # <h_t, dy_t>: (Q, B, N)
     del b  # one chunk-sized tensor fewer at the peak
-    e = dy[..., None] * C[:, :, None, :]                                     # C_t dy_t: (Q, B, D, N)
+    e = C[..., None] * dy[:, :, None, :]                                     # C_t dy_t: (Q, B, N, D)
     g = exclusive_scan(a, a * e, k_next, not reverse).add_(e)               # dLoss/dh_t
+    del e
     k_next = a[-1 if reverse else 0] * g[-1 if reverse else 0]              # flows into the chunk before
-    dC = torch.einsum("qbdn,qbd->qbn", h, dy)
-    g_B = torch.einsum("qbdn,qbn->qbd", g, B)                                # sum_n g B: (Q, B, D)
-    dB = torch.einsum("qbdn,qbd->qbn", g, delta_u)
-    g_log_a = a_h_prev.mul_(g)                                               # g a h_prev, in place
-    ddelta = g_B * u + torch.einsum("qbdn,dn->qbd", g_log_a, A)
-    dA = torch.einsum("qbdn,qbd->dn", g_log_a, delta)
-    return g_B * delta, ddelta, dB, dC, dA, k_next
+    g_B = torch.matmul(B[:, :, None, :], g)[:, :, 0]                         # sum_n g B: (Q, B, D)
+    dB = torch.matmul(g, delta_u[..., None])[..., 0]                         # (Q, B, N)
+    g_log_a = g.mul_(a).mul_(h_prev)                                         # g a h_{t-1}, in g's place
+    ddelta = g_B * u + (g_log_a * At).sum(2)
+    dAt = g_log_a.mul_(delta[:, :, None, :]).sum((0, 1))                     # (N, D)
+    return g_B * delta, ddelta, dB, dC, dAt, k_next
 
 
 class ParallelScan(torch.autograd.Function):
     """y_t = <C_t, h_t> for h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, chunk by chunk.
 
-    Time is cut into chunks of Q steps (a power of two); inside a chunk every (Q, B, D, N) tensor
+    Time is cut into chunks of Q steps (a power of two); inside a chunk every (Q, B, N, D) tensor
     has time leading and bit-reversed (see exclusive_scan). Forward keeps, besides its inputs, only
-    the state entering each chunk: (chunks, B, D, N). Backward walks the chunks against the scan's
+    the state entering each chunk: (chunks, B, N, D). Backward walks the chunks against the scan's
     direction, recomputes a chunk's states from its saved entry state, and solves the adjoint
     recurrence with the same scan in the other direction: for k_t = a_t g_t, the part of
     g = dLoss/dh that flows back through step t,
@@ -207,12 +209,13 @@ class ParallelScan(torch.autograd.Function):
         u, delta, B, C = (_time_major(x, padded) for x in (u, delta, B, C))  # (L', B, D) and (L', B, N)
         order = bit_reversed(chunk, u.device)
         y = torch.empty_like(u)                                              # (L', B, D)
-        h0 = u.new_zeros(*u.shape[1:], A.shape[1])                           # (B, D, N)
+        At = A.t().contiguous()                                              # (N, D)
+        h0 = u.new_zeros(u.shape[1], *At.shape)                              # (B, N, D)
         entry_states = []
         for start in range(0, padded, chunk)[::-1] if reverse else range(0, padded, chunk):
             steps = start + order                                            # bit-reversed time
             entry_states.append(h0)
-            y[steps], h0 = _forward_chunk(delta[steps], u[steps], B[steps], C[steps], A, h0, reverse)
+            y[steps], h0 = _forward_chunk(delta[steps], u[steps], B[steps], C[steps], At, h0, reverse)
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(entry_states))
         ctx.reverse, ctx.length = reverse, length
         return y[:length].permute(1, 2, 0)                                   # (B, D, L)
@@ -224,17 +227,18 @@ class ParallelScan(torch.autograd.Function):
         dy = _time_major(dy, padded)                                         # (L', B, D)
         order = bit_reversed(chunk, u.device)
         du, ddelta, dB, dC = (torch.empty_like(x) for x in (u, delta, B, C))
-        dA = torch.zeros_like(A)
+        At = A.t().contiguous()                                              # (N, D)
+        dAt = torch.zeros_like(At)
         k_next = torch.zeros_like(entry_states[0])  # a g flowing back from the chunk after this one
         starts = list(range(0, padded, chunk)[::-1] if reverse else range(0, padded, chunk))
         for i in reversed(range(len(starts))):
             steps = starts[i] + order
-            du[steps], ddelta[steps], dB[steps], dC[steps], dA_chunk, k_next = _backward_chunk(
-                delta[steps], u[steps], B[steps], C[steps], dy[steps], A, entry_states[i], k_next, reverse)
-            dA += dA_chunk
+            du[steps], ddelta[steps], dB[steps], dC[steps], dAt_chunk, k_next = _backward_chunk(
+                delta[steps], u[steps], B[steps], C[steps], dy[steps], At, entry_states[i], k_next, reverse)
+            dAt += dAt_chunk
         length = ctx.length
         du, ddelta, dB, dC = (x[:length].permute(1, 2, 0) for x in (du, ddelta, dB, dC))
-        return du, ddelta, dA, dB, dC, None
+        return du, ddelta, dAt.t(), dB, dC, None
 
 
 #################################################################################
@@ -341,7 +345,7 @@ if triton is not None:
     @triton.jit
     def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr,
                               du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr,
-                              dim, length, num_tiles, num_blocks,
+                              dim, length, num_tiles,
                               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                               SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
                               N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
@@ -384,9 +388,12 @@ if triton is not None:
             first = T - 1 if REVERSE else 0  # the tile's last step in the adjoint's order
             message = tl.sum(tl.where(steps[None, None, :] == first, a * g, 0.0), axis=2)
 
-            partial = ((batch * num_blocks + block) * N + n[:, None]) * length + t[None, :]
-            tl.store(dC_ptr + partial, tl.sum(h * dy[:, None, :], axis=0), mask=t[None, :] < length)
-            tl.store(dB_ptr + partial, tl.sum(g * (delta * u)[:, None, :], axis=0), mask=t[None, :] < length)
+            # dB and dC sum over all channels: each program adds its block's share, (N, T), with fp32
+            # atomics (as mamba_ssm does): no per-block partial sums in memory, but the order of the
+            # additions, and so the last bits of dB and dC, vary from run to run.
+            state_offsets = (batch * N + n[:, None]) * length + t[None, :]
+            tl.atomic_add(dC_ptr + state_offsets, tl.sum(h * dy[:, None, :], axis=0), mask=t[None, :] < length)
+            tl.atomic_add(dB_ptr + state_offsets, tl.sum(g * (delta * u)[:, None, :], axis=0), mask=t[None, :] < length)
             g_B = tl.sum(g * B[None, :, :], axis=1)                             # (BLOCK_D, T)
             g_log_a = g * (h - b)                                               # g a h_prev: (BLOCK_D, N, T)
             ddelta = g_B * u + tl.sum(g_log_a * A[:, :, None], axis=1)
@@ -445,14 +452,14 @@ class TritonScan(torch.autograd.Function):
         dz = torch.empty_like(z) if z is not None else None
         dA = u.new_empty(batch, dim, state, dtype=torch.float32)
         dD = u.new_empty(batch, dim, dtype=torch.float32) if D is not None else None
-        dB, dC = (u.new_empty(batch, num_blocks, state, length, dtype=torch.float32) for _ in range(2))
+        dB, dC = (u.new_zeros(batch, state, length, dtype=torch.float32) for _ in range(2))  # atomic sums
         _scan_backward_kernel[(batch, num_blocks)](
             u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), states, dout.contiguous(),
-            du, ddelta, _or(dz, du), dA, _or(dD, dA), dB, dC, dim, length, num_tiles, num_blocks,
+            du, ddelta, _or(dz, du), dA, _or(dD, dA), dB, dC, dim, length, num_tiles,
             D is not None, z is not None, delta_bias is not None, delta_softplus, reverse,
             state, TRITON_BLOCK_D, TRITON_TILE, num_warps=TRITON_WARPS)
         dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
-        return (du, ddelta.to(delta.dtype), dA.sum(0), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+        return (du, ddelta.to(delta.dtype), dA.sum(0), dB.to(B.dtype), dC.to(C.dtype),
                 dD.sum(0) if D is not None else None, dz, dbias, None, None)
 
 

@@ -1,19 +1,21 @@
 """Train DiM: one code path for a laptop CPU, one GPU, or several with torchrun (DDP).
 
-    python train.py                                   # shapes, DiM-Ti/4, minutes on a CPU
+    python train.py                                   # shapes, DiM-Ti/2, minutes on a CPU
     python train.py --dataset folder --data-path DIR --model DiM-S/2 --image-size 64
     torchrun --nproc_per_node=4 train.py --model DiM-XL/2 --dataset folder --data-path DIR
     python train.py --resume auto                     # continue the newest run of this model and data
 
-DiT's recipe (AdamW, constant learning rate, no weight decay, EMA of the weights, label dropout for
-classifier-free guidance, the hybrid loss of diffusion.py), with what small-GPU work needs: bf16
-autocast, gradient clipping and checkpointing, exact resume, periodic EMA samples, a progress bar.
+DiT's recipe (AdamW, no weight decay, EMA of the weights, label dropout for classifier-free
+guidance, the hybrid loss of diffusion.py), with what small-GPU work needs: bf16 autocast, gradient
+clipping and checkpointing, exact resume, periodic EMA samples, a progress bar. The learning rate
+decays on a cosine to zero at --max-steps (a short run ends better); --lr-schedule constant is DiT's.
 A run lives in results/NNN-<model>-<dataset>/ with log.txt, checkpoints/NNNNNNN.pt and samples/.
 """
 
 import argparse
 import copy
 import glob
+import math
 import os
 import re
 import sys
@@ -37,7 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", choices=DATASETS, default="shapes")
     parser.add_argument("--data-path", default=None, help="folder: <class>/<images>; imagenet: a latent cache of "
                         "python data.py extract; ucf101: the folder holding UCF-101/ (or a latent cache)")
-    parser.add_argument("--model", choices=list(PRESETS), default="DiM-Ti/4")
+    parser.add_argument("--model", choices=list(PRESETS), default="DiM-Ti/2")
     parser.add_argument("--mixer", choices=["mamba", "attention"], default="mamba",
                         help="token mixer: mamba (DiM) or attention (the same model as DiT)")
     parser.add_argument("--image-size", type=int, default=None,
@@ -48,9 +50,12 @@ def parse_args(argv=None):
     parser.add_argument("--frame-interval", type=int, default=3, help="ucf101: take every k-th frame")
     parser.add_argument("--split", default="all", help="ucf101: all, train1..3, test1..3")
     parser.add_argument("--global-batch-size", type=int, default=32, help="summed over all ranks")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (DiT: 1e-4 at batch 256)")
+    parser.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (DiT: 1e-4 at batch 256)")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
+                        help="a cosine decay to zero at --max-steps, or constant (DiT's)")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up of the learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--max-steps", type=int, default=1500, help="the default fits 10 minutes on 2 CPU cores")
+    parser.add_argument("--max-steps", type=int, default=1800, help="the default fits 10 minutes on 2 CPU cores")
     parser.add_argument("--ema-decay", type=float, default=0.9999,
                         help="EMA decay, warmed up as min(decay, (1 + step) / (10 + step))")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns it off")
@@ -154,6 +159,17 @@ def batches(dataset, local_batch, rank, world, seed, step, steps_per_epoch, work
                                              persistent_workers=False, pin_memory=torch.cuda.is_available())
         yield from loader
         epoch, skip = epoch + 1, 0
+
+
+def learning_rate(args, step):
+    """The rate of optimizer step `step` (from 0): a linear warm-up, then DiT's constant rate or a
+    cosine decay that reaches zero at --max-steps. A function of the step, so resuming changes nothing."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 @torch.no_grad()
@@ -264,6 +280,8 @@ def train(args, rank, world, local_rank):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(args, step)
         opt.step()
         update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
         step += 1

@@ -1,5 +1,6 @@
 """train.py and sample.py end to end on the CPU: run folders, exact resume, torchrun, errors."""
 
+import math
 import os
 import subprocess
 import sys
@@ -37,21 +38,61 @@ def test_short_run_writes_folder_checkpoint_and_samples(tmp_path):
     assert len(log_losses(run_dir)) == 2
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "0000004.pt"), weights_only=True)
     assert ckpt["step"] == 4 and ckpt["args"]["model"] == "DiM-Ti/8" and set(ckpt["rng"][0]) >= {"torch"}
+    assert ckpt["opt"]["param_groups"][0]["lr"] == train.learning_rate(train.parse_args(["--max-steps", "4"]), 3)
     # a second run gets the next number
     assert os.path.basename(run(tmp_path, "--max-steps", "1", "--sample-every", "9")["run_dir"]) == "001-DiM-Ti-8-shapes"
 
 
-def test_resume_is_bit_exact(tmp_path):
-    flags = ["--max-steps", "6", "--log-every", "1", "--ckpt-every", "3", "--sample-every", "100"]
-    whole = run(tmp_path / "a", *flags)
-    half = run(tmp_path / "b", *flags[:1], "3", *flags[2:])
-    resumed = run(tmp_path / "b", *flags, "--resume", "auto")
-    assert resumed["run_dir"] == half["run_dir"] and resumed["step"] == 6
+def assert_same_run(whole, resumed):
     for a, b in zip(whole["model"].state_dict().values(), resumed["model"].state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(whole["ema"].state_dict().values(), resumed["ema"].state_dict().values()):
         assert torch.equal(a, b)
     assert log_losses(whole["run_dir"]) == log_losses(resumed["run_dir"])
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """N steps, then N more from the checkpoint, equal 2N in one go (a constant rate: DiT's recipe)."""
+    flags = ["--lr-schedule", "constant", "--log-every", "1", "--ckpt-every", "3", "--sample-every", "100"]
+    whole = run(tmp_path / "a", *flags, "--max-steps", "6")
+    half = run(tmp_path / "b", *flags, "--max-steps", "3")
+    resumed = run(tmp_path / "b", *flags, "--max-steps", "6", "--resume", "auto")
+    assert resumed["run_dir"] == half["run_dir"] and resumed["step"] == 6
+    assert_same_run(whole, resumed)
+
+
+def test_killed_run_resumes_bit_exact(tmp_path, monkeypatch):
+    """The default cosine rate depends on --max-steps: a run killed after its step-3 checkpoint and
+    resumed with the same flags ends exactly where one that was never stopped ends."""
+    flags = ["--max-steps", "6", "--warmup-steps", "2", "--log-every", "1", "--ckpt-every", "3", "--sample-every", "100"]
+    whole = run(tmp_path / "a", *flags)
+    real, calls = train.update_ema, []
+
+    def killed_in_step_4(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "update_ema", killed_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", *flags)
+    monkeypatch.setattr(train, "update_ema", real)
+    resumed = run(tmp_path / "b", *flags, "--resume", "auto")
+    assert resumed["step"] == 6
+    assert_same_run(whole, resumed)
+
+
+def test_learning_rate_schedule():
+    args = train.parse_args(["--lr", "1e-3", "--max-steps", "110", "--warmup-steps", "10"])
+    assert args.lr_schedule == "cosine"  # the default
+    rates = [train.learning_rate(args, step) for step in range(110)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3) and rates[10] == pytest.approx(1e-3)
+    assert rates[60] == pytest.approx(5e-4)  # half way through the decay
+    assert rates[109] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert all(a > b for a, b in zip(rates[10:], rates[11:]))
+    args = train.parse_args(["--lr", "1e-3", "--lr-schedule", "constant"])
+    assert {train.learning_rate(args, step) for step in (0, 1, 500, 10**6)} == {1e-3}
 
 
 def test_torchrun_two_ranks_on_gloo(tmp_path):
