@@ -249,10 +249,10 @@ class ParallelScan(torch.autograd.Function):
 # fp32 while the program walks L in tiles of T steps; each tile's u, delta, z (BLOCK_D, T) and B, C
 # (N, T) are loaded at once. The forward then steps through the tile one time step after another
 # (the recurrence as written) and stores y and the state entering each tile (the checkpoints). The
-# backward walks the tiles the other way, recomputes each tile's states from its checkpoint with
-# tl.associative_scan over a = exp2(delta A log2 e) and b = delta u B as (BLOCK_D, N, T), and runs
-# the adjoint scan the same way. `reverse` only changes the order of tiles and steps: nothing is
-# flipped in memory.
+# backward walks the tiles the other way: it recomputes a tile's states from its checkpoint, one
+# step at a time, parks them in a small per-program scratch buffer (T, BLOCK_D, N) that stays in
+# L2, and walks the tile backwards through the adjoint recurrence reading them back. `reverse` only
+# changes the order of tiles and steps: nothing is flipped in memory.
 
 try:
     import triton
@@ -262,18 +262,6 @@ except ImportError:  # CPU-only installs of torch come without Triton
 
 if triton is not None:
     LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): the hardware computes exp2
-
-    @triton.jit
-    def _step_then_step(a1, b1, a2, b2):
-        # (a1, b1) applied first, then (a2, b2): h -> a2 (a1 h + b1) + b2
-        return a1 * a2, a2 * b1 + b2
-
-    @triton.jit
-    def _adjoint_then_adjoint(p1, q1, last1, p2, q2, last2):
-        # Segments of the adjoint g_k = e_k + a_{k-1} g_{k-1} (k in the adjoint's order), each summarised
-        # as g_last = q + p * (message in), message out = last_a * g_last. See TritonScan.backward.
-        carry = p2 * last1
-        return carry * p1, q2 + carry * q1, last2
 
     @triton.jit
     def _softplus(x):
@@ -298,6 +286,11 @@ if triton is not None:
         B = tl.load(B_ptr + state_offsets, mask=state_valid, other=0.0).to(tl.float32)
         C = tl.load(C_ptr + state_offsets, mask=state_valid, other=0.0).to(tl.float32)
         return u, delta_raw, delta, B, C, offsets, valid
+
+    @triton.jit
+    def _column(tile, here):
+        """Column `here` (a one-hot mask over T) of a (rows, T) tile, as (rows,): a select, not a load."""
+        return tl.sum(tl.where(here[None, :], tile, 0.0), axis=1)
 
     @triton.jit
     def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
@@ -329,12 +322,9 @@ if triton is not None:
             y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
             for s in tl.static_range(T):
                 here = steps == (T - 1 - s if REVERSE else s)                   # this step's column
-                delta_s = tl.sum(tl.where(here[None, :], delta, 0.0), axis=1)  # (BLOCK_D,)
-                delta_u_s = tl.sum(tl.where(here[None, :], delta_u, 0.0), axis=1)
-                B_s = tl.sum(tl.where(here[None, :], B, 0.0), axis=1)          # (N,)
-                C_s = tl.sum(tl.where(here[None, :], C, 0.0), axis=1)
-                h = tl.exp2(delta_s[:, None] * A) * h + delta_u_s[:, None] * B_s[None, :]
-                y = tl.where(here[None, :], tl.sum(h * C_s[None, :], axis=1)[:, None], y)
+                h = tl.exp2(_column(delta, here)[:, None] * A) * h \
+                    + _column(delta_u, here)[:, None] * _column(B, here)[None, :]  # (BLOCK_D, N)
+                y = tl.where(here[None, :], tl.sum(h * _column(C, here)[None, :], axis=1)[:, None], y)
             if HAS_D:
                 y += skip[:, None] * u
             if HAS_Z:
@@ -344,11 +334,16 @@ if triton is not None:
 
     @triton.jit
     def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr,
-                              du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr,
+                              du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr, scratch_ptr,
                               dim, length, num_tiles,
                               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                               SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
                               N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
+        # The tiles against the scan's order. Each tile runs twice, one step at a time like the forward:
+        # first forward from its checkpoint, writing the state before each step to this program's
+        # scratch (T, BLOCK_D, N), which stays in L2; then backward through the adjoint
+        #     g_t = C_t dy_t + m,   m <- a_t g_t   (m: what flows back into the step before)
+        # reading those states back, with every gradient read off g and the states.
         batch, block = tl.program_id(0), tl.program_id(1)
         d = block * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N)
@@ -357,61 +352,77 @@ if triton is not None:
         A_log2 = A * LOG2E
         bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
         skip = tl.load(D_ptr + d, mask=d < dim, other=0.0) if HAS_D else 0.0
-        message = tl.zeros((BLOCK_D, N), dtype=tl.float32)  # a g flowing in from the step after the tile
+        scratch = scratch_ptr + (batch * tl.num_programs(1) + block) * T * BLOCK_D * N \
+            + tl.arange(0, BLOCK_D)[:, None] * N + n[None, :]                   # step 0's (BLOCK_D, N)
+        message = tl.zeros((BLOCK_D, N), dtype=tl.float32)
         dA = tl.zeros((BLOCK_D, N), dtype=tl.float32)
         dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for i in range(num_tiles):
-            tile = i if REVERSE else num_tiles - 1 - i  # against the forward scan's order
+            tile = i if REVERSE else num_tiles - 1 - i
             t = tile * T + steps
             u, delta_raw, delta, B, C, offsets, valid = _load_tile(
                 u_ptr, delta_ptr, B_ptr, C_ptr, bias, batch, d, t, dim, length, HAS_BIAS, SOFTPLUS, N)
-            h0 = tl.load(states_ptr + ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :],
-                         mask=d[:, None] < dim, other=0.0)
-            a = tl.exp2(delta[:, None, :] * A_log2[:, :, None])             # (BLOCK_D, N, T)
-            b = (delta * u)[:, None, :] * B[None, :, :]
-            a_run, b_run = tl.associative_scan((a, b), axis=2, combine_fn=_step_then_step, reverse=REVERSE)
-            h = a_run * h0[:, :, None] + b_run                                  # (BLOCK_D, N, T)
+            h = tl.load(states_ptr + ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :],
+                        mask=d[:, None] < dim, other=0.0)
+            delta_u = delta * u
             dy = tl.load(dout_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            tl.debug_barrier()  # the previous tile is done reading the scratch
+            y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            for s in tl.static_range(T):  # forward: the states, and y where the gate needs it
+                here = steps == (T - 1 - s if REVERSE else s)
+                tl.store(scratch + (T - 1 - s if REVERSE else s) * BLOCK_D * N, h)
+                h = tl.exp2(_column(delta, here)[:, None] * A_log2) * h \
+                    + _column(delta_u, here)[:, None] * _column(B, here)[None, :]
+                if HAS_Z:
+                    y = tl.where(here[None, :], tl.sum(h * _column(C, here)[None, :], axis=1)[:, None], y)
             if HAS_Z:  # y_out = y * silu(z)
                 z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-                y = tl.sum(h * C[None, :, :], axis=1)
                 if HAS_D:
                     y += skip[:, None] * u
                 sig = tl.sigmoid(z)
                 tl.store(dz_ptr + offsets, dy * y * sig * (1.0 + z * (1.0 - sig)), mask=valid)
                 dy = dy * z * sig
-            # Adjoint, in its own order (the reverse of the forward scan's): g_k = C_k dy_k + a_{k-1} g_{k-1}.
-            e = C[None, :, :] * dy[:, None, :]                                  # (BLOCK_D, N, T)
-            p, q, _ = tl.associative_scan((tl.full(e.shape, 1.0, tl.float32), e, a), axis=2,
-                                          combine_fn=_adjoint_then_adjoint, reverse=not REVERSE)
-            g = q + p * message[:, :, None]                                     # dLoss/dh: (BLOCK_D, N, T)
-            first = T - 1 if REVERSE else 0  # the tile's last step in the adjoint's order
-            message = tl.sum(tl.where(steps[None, None, :] == first, a * g, 0.0), axis=2)
-
-            # dB and dC sum over all channels: each program adds its block's share, (N, T), with fp32
-            # atomics (as mamba_ssm does): no per-block partial sums in memory, but the order of the
-            # additions, and so the last bits of dB and dC, vary from run to run.
-            state_offsets = (batch * N + n[:, None]) * length + t[None, :]
-            tl.atomic_add(dC_ptr + state_offsets, tl.sum(h * dy[:, None, :], axis=0), mask=t[None, :] < length)
-            tl.atomic_add(dB_ptr + state_offsets, tl.sum(g * (delta * u)[:, None, :], axis=0), mask=t[None, :] < length)
-            g_B = tl.sum(g * B[None, :, :], axis=1)                             # (BLOCK_D, T)
-            g_log_a = g * (h - b)                                               # g a h_prev: (BLOCK_D, N, T)
-            ddelta = g_B * u + tl.sum(g_log_a * A[:, :, None], axis=1)
+            tl.debug_barrier()  # the states are in the scratch
+            ddelta = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            du = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            dB = tl.zeros((N, T), dtype=tl.float32)
+            dC = tl.zeros((N, T), dtype=tl.float32)
+            for s in tl.static_range(T):  # backward: the adjoint, one step at a time
+                here = steps == (s if REVERSE else T - 1 - s)
+                h_prev = tl.load(scratch + (s if REVERSE else T - 1 - s) * BLOCK_D * N)
+                delta_s, delta_u_s, dy_s = _column(delta, here), _column(delta_u, here), _column(dy, here)
+                B_s, C_s = _column(B, here), _column(C, here)
+                a = tl.exp2(delta_s[:, None] * A_log2)                              # (BLOCK_D, N)
+                g = message + dy_s[:, None] * C_s[None, :]                          # dLoss/dh_t
+                h = a * h_prev + delta_u_s[:, None] * B_s[None, :]
+                dC = tl.where(here[None, :], tl.sum(h * dy_s[:, None], axis=0)[:, None], dC)
+                dB = tl.where(here[None, :], tl.sum(g * delta_u_s[:, None], axis=0)[:, None], dB)
+                g_B = tl.sum(g * B_s[None, :], axis=1)                               # (BLOCK_D,)
+                g_log_a = g * a * h_prev                                            # g a h_{t-1}
+                ddelta = tl.where(here[None, :], (g_B * _column(u, here) + tl.sum(g_log_a * A, axis=1))[:, None],
+                                  ddelta)
+                du = tl.where(here[None, :], (g_B * delta_s)[:, None], du)
+                dA += g_log_a * delta_s[:, None]
+                message = a * g
             if SOFTPLUS:
                 ddelta = ddelta * tl.sigmoid(delta_raw)
-            du = g_B * delta
             if HAS_D:
                 du += skip[:, None] * dy
                 dD += tl.sum(dy * u, axis=1)
             tl.store(du_ptr + offsets, du, mask=valid)
             tl.store(ddelta_ptr + offsets, ddelta, mask=valid)
-            dA += tl.sum(g_log_a * delta[:, None, :], axis=2)
+            # dB and dC sum over all channels: each program adds its block's share, (N, T), with fp32
+            # atomics (as mamba_ssm does): no per-block partial sums in memory, but the order of the
+            # additions, and so the last bits of dB and dC, vary from run to run.
+            state_offsets = (batch * N + n[:, None]) * length + t[None, :]
+            tl.atomic_add(dC_ptr + state_offsets, dC, mask=t[None, :] < length)
+            tl.atomic_add(dB_ptr + state_offsets, dB, mask=t[None, :] < length)
         tl.store(dA_ptr + (batch * dim + d[:, None]) * N + n[None, :], dA, mask=d[:, None] < dim)
         if HAS_D:
             tl.store(dD_ptr + batch * dim + d, dD, mask=d < dim)
 
 
-TRITON_BLOCK_D, TRITON_TILE, TRITON_WARPS = 4, 16, 2  # backward: channels per program, steps per tile, warps
+TRITON_BLOCK_D, TRITON_TILE, TRITON_WARPS = 8, 8, 1  # backward: channels per program, steps per tile, warps
 TRITON_FORWARD_BLOCK_D, TRITON_FORWARD_WARPS = 16, 1    # forward: channels per program, warps
 
 
@@ -453,9 +464,10 @@ class TritonScan(torch.autograd.Function):
         dA = u.new_empty(batch, dim, state, dtype=torch.float32)
         dD = u.new_empty(batch, dim, dtype=torch.float32) if D is not None else None
         dB, dC = (u.new_zeros(batch, state, length, dtype=torch.float32) for _ in range(2))  # atomic sums
+        scratch = u.new_empty(batch * num_blocks * TRITON_TILE * TRITON_BLOCK_D * state, dtype=torch.float32)
         _scan_backward_kernel[(batch, num_blocks)](
             u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), states, dout.contiguous(),
-            du, ddelta, _or(dz, du), dA, _or(dD, dA), dB, dC, dim, length, num_tiles,
+            du, ddelta, _or(dz, du), dA, _or(dD, dA), dB, dC, scratch, dim, length, num_tiles,
             D is not None, z is not None, delta_bias is not None, delta_softplus, reverse,
             state, TRITON_BLOCK_D, TRITON_TILE, num_warps=TRITON_WARPS)
         dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None

@@ -161,8 +161,10 @@ def test_input_errors_name_the_argument():
 def test_triton_equals_definition(use_z, use_bias, softplus, reverse, monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setattr(scan, "TRITON_TILE", 8)  # 37 steps: five tiles, the last one partly filled
+    monkeypatch.setattr(scan, "TRITON_BLOCK_D", 4)  # 6 channels: a whole block and a part one
+    monkeypatch.setattr(scan, "TRITON_FORWARD_BLOCK_D", 4)
     for length in (1, 37):
-        inputs = select(make_inputs(2, 6, length, 4, seed=length), use_z, use_bias)  # 6 channels: a part block
+        inputs = select(make_inputs(2, 6, length, 4, seed=length), use_z, use_bias)
         x = {k: v.float().to(device).requires_grad_() for k, v in inputs.items()}
         dy = torch.randn(2, 6, length, dtype=torch.float64, generator=torch.Generator().manual_seed(length))
         y = selective_scan(**x, delta_softplus=softplus, reverse=reverse, backend="triton")
