@@ -163,7 +163,8 @@ def batches(dataset, local_batch, rank, world, seed, step, steps_per_epoch, work
 
 def learning_rate(args, step):
     """The rate of optimizer step `step` (from 0): a linear warm-up, then DiT's constant rate or a
-    cosine decay that reaches zero at --max-steps. A function of the step, so resuming changes nothing."""
+    cosine decay that reaches zero at --max-steps. A function of the step and the flags only, so a
+    run resumed with the same flags continues exactly."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     if args.lr_schedule == "constant":
@@ -297,7 +298,7 @@ def train(args, rank, world, local_rank):
             rate = (step - last_step) / (time.time() - last_time)
             skipped = getattr(getattr(dataset, "skipped", None), "value", 0)
             log(f"step {step:7d}  loss {mean_loss.item():.4f}  steps/s {rate:.2f}  "
-                f"grad_norm {torch.stack(norms).mean().item():.3f}"
+                f"grad_norm {torch.stack(norms).mean().item():.3f}  lr {learning_rate(args, step - 1):.2e}"
                 + (f"  ({skipped} unreadable videos skipped so far)" if skipped else ""))
             bar.set_postfix(loss=f"{mean_loss.item():.4f}")
             losses, norms, last_time, last_step = [], [], time.time(), step
