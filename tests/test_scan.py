@@ -119,13 +119,14 @@ class LargestTensor(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.largest = 0
+        self.largest = self.largest_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else [out]):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                self.largest_bytes = max(self.largest_bytes, t.numel() * t.element_size())
         return out
 
 
@@ -177,6 +178,20 @@ def test_triton_equals_definition(use_z, use_bias, softplus, reverse, monkeypatc
         for name, a, b in zip(inputs, grads, grads_ref):
             torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item(),
                                        msg=f"gradient of {name}")
+
+
+@pytest.mark.skipif(scan.triton is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
+def test_triton_memory_is_bounded_by_a_tile(monkeypatch):
+    monkeypatch.setattr(scan, "TRITON_TILE", 8)
+    batch, dim, length, state = 2, 8, 64, 4
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = {k: v.float().to(device).requires_grad_() for k, v in make_inputs(batch, dim, length, state).items()}
+    with LargestTensor() as tracker:
+        y = selective_scan(**x, delta_softplus=True, backend="triton")
+        torch.autograd.grad(y.sum(), list(x.values()))
+    # checkpoints (B, D, L/T, N), the scratch (B, D, T, N): nothing grows with L times N. (Bytes, as
+    # the interpreter copies every tensor to and from the kernel as raw bytes.)
+    assert tracker.largest_bytes == batch * dim * length * 4, f"a tensor of {tracker.largest_bytes} bytes"
 
 
 def test_triton_backend_refuses_what_it_cannot_run(monkeypatch):
