@@ -1,6 +1,6 @@
 """Sample from a trained DiM: checkpoint -> PNG grid (images), or animated GIF grid or MP4 (videos).
 
-    python sample.py --ckpt results/000-DiM-Ti-2-shapes/checkpoints/0001800.pt
+    python sample.py --ckpt results/000-DiM-Ti-2-shapes/checkpoints/0001600.pt
     python sample.py --ckpt PATH --sampler ddpm --num-sampling-steps 250 --cfg-scale 4 --class-labels 0 1 2
 
 The model is rebuilt from the arguments stored in the checkpoint; the EMA weights are used, as in

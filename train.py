@@ -55,7 +55,7 @@ def parse_args(argv=None):
                         help="a cosine decay to zero at --max-steps, or constant (DiT's)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up of the learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--max-steps", type=int, default=1800, help="the default fits 10 minutes on 2 CPU cores")
+    parser.add_argument("--max-steps", type=int, default=1600, help="the default fits 10 minutes on 2 CPU cores")
     parser.add_argument("--ema-decay", type=float, default=0.9999,
                         help="EMA decay, warmed up as min(decay, (1 + step) / (10 + step))")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns it off")
