@@ -216,18 +216,17 @@ class ParallelScan(torch.autograd.Function):
             steps = start + order                                            # bit-reversed time
             entry_states.append(h0)
             y[steps], h0 = _forward_chunk(delta[steps], u[steps], B[steps], C[steps], At, h0, reverse)
-        ctx.save_for_backward(u, delta, A, B, C, torch.stack(entry_states))
+        ctx.save_for_backward(u, delta, At, B, C, torch.stack(entry_states))
         ctx.reverse, ctx.length = reverse, length
         return y[:length].permute(1, 2, 0)                                   # (B, D, L)
 
     @staticmethod
     def backward(ctx, dy):
-        u, delta, A, B, C, entry_states = ctx.saved_tensors
+        u, delta, At, B, C, entry_states = ctx.saved_tensors
         reverse, padded, chunk = ctx.reverse, u.shape[0], u.shape[0] // len(entry_states)
         dy = _time_major(dy, padded)                                         # (L', B, D)
         order = bit_reversed(chunk, u.device)
         du, ddelta, dB, dC = (torch.empty_like(x) for x in (u, delta, B, C))
-        At = A.t().contiguous()                                              # (N, D)
         dAt = torch.zeros_like(At)
         k_next = torch.zeros_like(entry_states[0])  # a g flowing back from the chunk after this one
         starts = list(range(0, padded, chunk)[::-1] if reverse else range(0, padded, chunk))
@@ -293,6 +292,17 @@ if triton is not None:
         return tl.sum(tl.where(here[None, :], tile, 0.0), axis=1)
 
     @triton.jit
+    def _set_column(tile, here, value):
+        """The (rows, T) tile with column `here` replaced by value (rows,)."""
+        return tl.where(here[None, :], value[:, None], tile)
+
+    @triton.jit
+    def _advance(h, delta, delta_u, B, here, A_log2):
+        """The state after the step in column `here`: exp(delta A) h + delta u B, (BLOCK_D, N)."""
+        return tl.exp2(_column(delta, here)[:, None] * A_log2) * h \
+            + _column(delta_u, here)[:, None] * _column(B, here)[None, :]
+
+    @triton.jit
     def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
                              dim, length, num_tiles,
                              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -307,7 +317,7 @@ if triton is not None:
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)                  # (BLOCK_D,)
         n = tl.arange(0, N)
         steps = tl.arange(0, T)
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0) * LOG2E
+        A_log2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0) * LOG2E
         bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
         skip = tl.load(D_ptr + d, mask=d < dim, other=0.0) if HAS_D else 0.0
         h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
@@ -322,9 +332,8 @@ if triton is not None:
             y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
             for s in tl.static_range(T):
                 here = steps == (T - 1 - s if REVERSE else s)                   # this step's column
-                h = tl.exp2(_column(delta, here)[:, None] * A) * h \
-                    + _column(delta_u, here)[:, None] * _column(B, here)[None, :]  # (BLOCK_D, N)
-                y = tl.where(here[None, :], tl.sum(h * _column(C, here)[None, :], axis=1)[:, None], y)
+                h = _advance(h, delta, delta_u, B, here, A_log2)                # (BLOCK_D, N)
+                y = _set_column(y, here, tl.sum(h * _column(C, here)[None, :], axis=1))
             if HAS_D:
                 y += skip[:, None] * u
             if HAS_Z:
@@ -369,12 +378,12 @@ if triton is not None:
             tl.debug_barrier()  # the previous tile is done reading the scratch
             y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
             for s in tl.static_range(T):  # forward: the states, and y where the gate needs it
-                here = steps == (T - 1 - s if REVERSE else s)
-                tl.store(scratch + (T - 1 - s if REVERSE else s) * BLOCK_D * N, h)
-                h = tl.exp2(_column(delta, here)[:, None] * A_log2) * h \
-                    + _column(delta_u, here)[:, None] * _column(B, here)[None, :]
+                k = T - 1 - s if REVERSE else s                                 # the step within the tile
+                tl.store(scratch + k * BLOCK_D * N, h)                          # the state before step k
+                here = steps == k
+                h = _advance(h, delta, delta_u, B, here, A_log2)
                 if HAS_Z:
-                    y = tl.where(here[None, :], tl.sum(h * _column(C, here)[None, :], axis=1)[:, None], y)
+                    y = _set_column(y, here, tl.sum(h * _column(C, here)[None, :], axis=1))
             if HAS_Z:  # y_out = y * silu(z)
                 z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
                 if HAS_D:
@@ -388,20 +397,20 @@ if triton is not None:
             dB = tl.zeros((N, T), dtype=tl.float32)
             dC = tl.zeros((N, T), dtype=tl.float32)
             for s in tl.static_range(T):  # backward: the adjoint, one step at a time
-                here = steps == (s if REVERSE else T - 1 - s)
-                h_prev = tl.load(scratch + (s if REVERSE else T - 1 - s) * BLOCK_D * N)
+                k = s if REVERSE else T - 1 - s
+                here = steps == k
+                h_prev = tl.load(scratch + k * BLOCK_D * N)
                 delta_s, delta_u_s, dy_s = _column(delta, here), _column(delta_u, here), _column(dy, here)
                 B_s, C_s = _column(B, here), _column(C, here)
                 a = tl.exp2(delta_s[:, None] * A_log2)                              # (BLOCK_D, N)
                 g = message + dy_s[:, None] * C_s[None, :]                          # dLoss/dh_t
                 h = a * h_prev + delta_u_s[:, None] * B_s[None, :]
-                dC = tl.where(here[None, :], tl.sum(h * dy_s[:, None], axis=0)[:, None], dC)
-                dB = tl.where(here[None, :], tl.sum(g * delta_u_s[:, None], axis=0)[:, None], dB)
+                dC = _set_column(dC, here, tl.sum(h * dy_s[:, None], axis=0))
+                dB = _set_column(dB, here, tl.sum(g * delta_u_s[:, None], axis=0))
                 g_B = tl.sum(g * B_s[None, :], axis=1)                               # (BLOCK_D,)
                 g_log_a = g * a * h_prev                                            # g a h_{t-1}
-                ddelta = tl.where(here[None, :], (g_B * _column(u, here) + tl.sum(g_log_a * A, axis=1))[:, None],
-                                  ddelta)
-                du = tl.where(here[None, :], (g_B * delta_s)[:, None], du)
+                ddelta = _set_column(ddelta, here, g_B * _column(u, here) + tl.sum(g_log_a * A, axis=1))
+                du = _set_column(du, here, g_B * delta_s)
                 dA += g_log_a * delta_s[:, None]
                 message = a * g
             if SOFTPLUS:
