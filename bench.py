@@ -126,12 +126,12 @@ def bench_scan(args):
             grads = [x[k].requires_grad_() for k in ("u", "delta", "B", "C", "z")]
             ref_y, ref_grads = None, None
             dy = torch.randn(args.batch, args.dim, length, device=device, dtype=dtype)
-            options = dict(parallel=args.chunk,
+            options = dict(parallel=[f"{c}/{b}" for c in args.chunk for b in args.block],
                            triton=[f"{b}/{f}" for b in args.triton_config for f in args.triton_forward_config])
             variants = [(b, o) for b in args.backend for o in options.get(b, [None])]
-            for backend, option in variants:  # option: a chunk size, or the Triton kernel shapes
+            for backend, option in variants:  # option: chunk and block sizes, or the Triton kernel shapes
                 if backend == "parallel":
-                    scan_module.CHUNK = option
+                    scan_module.CHUNK, scan_module.BLOCK = map(int, option.split("/"))
                 if backend == "triton":
                     backward_config, forward_config = option.split("/")
                     scan_module.TRITON_BLOCK_D, scan_module.TRITON_TILE, scan_module.TRITON_WARPS = \
@@ -382,6 +382,8 @@ def main(argv=None):
     scan.add_argument("--repeats", type=int, default=20)
     scan.add_argument("--chunk", type=int, nargs="+", default=[scan_module.CHUNK],
                       help="chunk sizes of the parallel scan to try")
+    scan.add_argument("--block", type=int, nargs="+", default=[scan_module.BLOCK],
+                      help="block sizes (steps scanned one after another) of the parallel scan to try")
     scan.add_argument("--triton-config", nargs="+", default=[
         f"{scan_module.TRITON_BLOCK_D}x{scan_module.TRITON_TILE}x{scan_module.TRITON_WARPS}"],
         help="Triton backward kernel shapes to try, as DxTxW (channels per program x steps per tile x warps)")

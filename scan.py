@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "ref", "parallel", "triton")
 CHUNK = 128  # steps per chunk of the parallel scan (a power of two): (128, B, D, N) fp32 at DiM-XL width is 150 MB
+BLOCK = 16   # steps per block inside a chunk (a power of two), scanned one after another
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -117,7 +118,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 #################################################################################
-#                 The parallel scan: recursive doubling in chunks               #
+#              The parallel scan: blocks of steps, log-depth across them        #
 #################################################################################
 
 def exclusive_scan(a, b, h0, reverse=False, out=None):
@@ -143,6 +144,35 @@ def exclusive_scan(a, b, h0, reverse=False, out=None):
     return out
 
 
+def blocked_scan(a, decay, states, h0=None, reverse=False):
+    """Every state of h_t = a_t h_{t-1} + b_t over a chunk of q * P steps (h_{t+1} if reverse), in place.
+
+    The chunk is P blocks of q consecutive steps: a[j, p] is step j of block p, with the blocks in
+    bit-reversed order (see exclusive_scan); decay[p] is the product of block p's a. `states` is
+    (q + 1, P, ...) with b_t in the slots of the states after each step, states[1:] (states[:q] if
+    reverse); on return states[:q] holds the state before each step and states[1:] the state after
+    (the other way round if reverse). Three passes, the way a GPU splits a scan between threads:
+      1. each block alone, from a zero state, one step after another: what its b add up to;
+      2. the state entering each block, by recursive doubling over those P sums from h0: log-depth;
+      3. each block again, from its entry state: every state, written over b.
+    Each of the 2q steps is one tensor operation on all P blocks at once, and the doubling only sees
+    P = chunk / q entries, so the chunk's large tensors are read about twice in all; doubling over
+    every step would read them about five times. With h0=None the entry states are already in their
+    slot (the backward saved them) and only the third pass runs.
+    """
+    q = a.shape[0]
+    order = range(q - 1, -1, -1) if reverse else range(q)
+    after = 0 if reverse else 1  # states[j + after] is the state after step j
+    if h0 is not None:
+        total = states[order[0] + after]
+        for j in order[1:]:
+            total = torch.addcmul(states[j + after], a[j], total)
+        exclusive_scan(decay, total, h0, reverse, out=states[q if reverse else 0])
+    for j in order:
+        states[j + after].addcmul_(a[j], states[j + 1 - after])
+    return states
+
+
 def bit_reversed(length, device):
     """The permutation that puts time steps 0..length-1 (a power of two) in bit-reversed order."""
     bits = max(length.bit_length() - 1, 0)
@@ -156,49 +186,80 @@ def _time_major(x, length):
     return F.pad(x, (0, length - x.shape[-1])).permute(2, 0, 1).contiguous()
 
 
-def _forward_chunk(delta, u, B, C, At, h0, reverse):
-    """One chunk of Q steps, time bit-reversed: y (Q, B, D) and the state after its last step.
-    State tensors are (Q, B, N, D): channels innermost, so every broadcast runs along a long row."""
-    a = torch.exp(delta[:, :, None, :] * At)                                 # (Q, B, N, D)
-    b = (delta * u)[:, :, None, :] * B[..., None]                            # (Q, B, N, D)
-    h = b.addcmul_(a, exclusive_scan(a, b, h0, reverse))                     # h_t = a_t h_{t-1} + b_t, in b
-    y = torch.matmul(C[:, :, None, :], h)[:, :, 0]                          # <C_t, h_t>: (Q, B, D)
-    return y, h[0 if reverse else -1].clone()  # a copy frees h
+def _chunks(padded, chunk, reverse, device):
+    """The time steps of each chunk in the order the scan meets them, as (q, P) indices laid out for
+    blocked_scan. With reverse the chunks simply take time from the end, so inside a chunk the scan
+    always runs forward."""
+    block = min(BLOCK, chunk)
+    order = bit_reversed(chunk // block, device) * block + torch.arange(block, device=device)[:, None]  # (q, P)
+    return [padded - 1 - start - order if reverse else start + order for start in range(0, padded, chunk)]
 
 
-def _backward_chunk(delta, u, B, C, dy, At, h0, k_next, reverse):
-    """The gradients of one chunk from the state entering it (h0) and k flowing back into it from
-    the chunk after it: du, ddelta (Q, B, D), dB, dC (Q, B, N), dA^T (N, D), and k for the chunk before."""
-    delta_u = delta * u                                                      # (Q, B, D)
-    a = torch.exp(delta[:, :, None, :] * At)                                 # (Q, B, N, D)
-    b = delta_u[:, :, None, :] * B[..., None]
-    h_prev = exclusive_scan(a, b, h0, reverse)                               # h_{t-1}: (Q, B, N, D)
-    dC = torch.matmul(b.addcmul_(a, h_prev), dy[..., None])[..., 0]         # <h_t, dy_t>: (Q, B, N)
-    del b  # one chunk-sized tensor fewer at the peak
-    e = C[..., None] * dy[:, :, None, :]                                     # C_t dy_t: (Q, B, N, D)
-    g = exclusive_scan(a, a * e, k_next, not reverse).add_(e)               # dLoss/dh_t
-    del e
-    k_next = a[-1 if reverse else 0] * g[-1 if reverse else 0]              # flows into the chunk before
-    g_B = torch.matmul(B[:, :, None, :], g)[:, :, 0]                         # sum_n g B: (Q, B, D)
-    dB = torch.matmul(g, delta_u[..., None])[..., 0]                         # (Q, B, N)
-    g_log_a = g.mul_(a).mul_(h_prev)                                         # g a h_{t-1}, in g's place
-    ddelta = g_B * u + (g_log_a * At).sum(2)
-    dAt = g_log_a.mul_(delta[:, :, None, :]).sum((0, 1))                     # (N, D)
-    return g_B * delta, ddelta, dB, dC, dAt, k_next
+def _decay_base(At):
+    """exp(A / s) (N, D) and s (D,), with s >= 1 just large enough that exp(A / s) >= e^-64 stays far
+    from underflow. Then a = exp(delta A) = exp(A / s) ** (delta s): one pass over (q, P, B, N, D),
+    where exp(delta * A) takes two (the product, then its exp)."""
+    scale = (-At.amin(0) / 64).clamp(min=1)                                 # (D,)
+    return torch.exp(At / scale), scale
+
+
+def _decays(delta, base, scale):
+    """a_t for every step, (q, P, B, N, D), and each block's product of them, exp(A * sum of its
+    delta), (P, B, N, D): powers of numbers in (0, 1], both."""
+    delta = delta * scale                                                    # (q, P, B, D)
+    return torch.pow(base, delta[..., None, :]), torch.pow(base, delta.sum(0)[..., None, :])
+
+
+def _forward_chunk(delta, u, B, C, base, scale, h0):
+    """One chunk, inputs (q, P, B, D or N): y (q, P, B, D), the state after its last step, and the
+    state entering each block (P, B, N, D), which the backward restarts from.
+    State tensors are (q, P, B, N, D): channels innermost, so every broadcast runs along a long row."""
+    a, decay = _decays(delta, base, scale)
+    h = a.new_empty(a.shape[0] + 1, *a.shape[1:])                           # (q + 1, P, B, N, D)
+    torch.mul((delta * u)[..., None, :], B[..., None], out=h[1:])          # b_t = delta_t u_t B_t
+    blocked_scan(a, decay, h, h0)                                           # h[1:] = h_t
+    y = torch.matmul(C[..., None, :], h[1:])[..., 0, :]                    # <C_t, h_t>: (q, P, B, D)
+    return y, h[-1, -1].clone(), h[0].clone()  # the last step of the last block (copies free h)
+
+
+def _backward_chunk(delta, u, B, C, dy, At, base, scale, entries, k_next):
+    """The gradients of one chunk from the states entering its blocks and k flowing back into it
+    from the chunk after it: du, ddelta (q, P, B, D), dB, dC (q, P, B, N), dA^T (N, D), and k for
+    the chunk before."""
+    delta_u = delta * u                                                      # (q, P, B, D)
+    a, decay = _decays(delta, base, scale)                                  # (q, P, B, N, D)
+    h = a.new_empty(a.shape[0] + 1, *a.shape[1:])
+    h[0] = entries
+    torch.mul(delta_u[..., None, :], B[..., None], out=h[1:])
+    blocked_scan(a, decay, h)                                               # h[:-1] = h_{t-1}, h[1:] = h_t
+    dC = torch.matmul(h[1:], dy[..., None])[..., 0]                         # <h_t, dy_t>: (q, P, B, N)
+    k = torch.empty_like(h)
+    torch.mul(a, C[..., None], out=k[:-1]).mul_(dy[..., None, :])          # a_t e_t, e_t = C_t dy_t
+    blocked_scan(a, decay, k, k_next, reverse=True)                         # k[:-1] = k_t, k[1:] = k_{t+1}
+    del a
+    # g_t = e_t + k_{t+1} is never formed: its two contractions split, and e's part is small
+    g_B = torch.matmul(B[..., None, :], k[1:])[..., 0, :] + dy * (B * C).sum(-1, keepdim=True)  # sum_n g B: (q, P, B, D)
+    dB = torch.matmul(k[1:], delta_u[..., None])[..., 0] + C * (dy * delta_u).sum(-1, keepdim=True)  # sum_d g delta u
+    k_prev = k[0, 0].clone()                                                # k of the chunk's first step
+    g_log_a = h[:-1].mul_(k[:-1])                                           # g_t a_t h_{t-1} = k_t h_{t-1}
+    del k
+    ddelta = g_B * u + (g_log_a * At).sum(-2)
+    dAt = g_log_a.mul_(delta[..., None, :]).sum((0, 1, 2))                  # (N, D)
+    return g_B * delta, ddelta, dB, dC, dAt, k_prev
 
 
 class ParallelScan(torch.autograd.Function):
     """y_t = <C_t, h_t> for h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, chunk by chunk.
 
-    Time is cut into chunks of Q steps (a power of two); inside a chunk every (Q, B, N, D) tensor
-    has time leading and bit-reversed (see exclusive_scan). Forward keeps, besides its inputs, only
-    the state entering each chunk: (chunks, B, N, D). Backward walks the chunks against the scan's
-    direction, recomputes a chunk's states from its saved entry state, and solves the adjoint
-    recurrence with the same scan in the other direction: for k_t = a_t g_t, the part of
-    g = dLoss/dh that flows back through step t,
-        k_t = a_t k_{t+1} + a_t e_t   with  e_t = C_t dy_t,   and   g_t = e_t + k_{t+1}
-    (t-1 for t+1 if reverse). Every gradient is read off g and the states without dividing by a
-    decay: db_t = g_t and d(delta_t A) = g_t a_t h_{t-1}.
+    Time is cut into chunks of CHUNK steps, each chunk into blocks of BLOCK steps (powers of two),
+    and every state inside a chunk comes from blocked_scan. Forward keeps, besides its inputs, only
+    the state entering each block: (L / BLOCK, B, N, D), a BLOCK-th of all the states. Backward
+    walks the chunks against the scan's direction, recomputes a chunk's states from those, and
+    solves the adjoint recurrence with the same scan in the other direction: for k_t = a_t g_t, the
+    part of g = dLoss/dh that flows back through step t,
+        k_t = a_t k_{t+1} + a_t e_t   with  e_t = C_t dy_t,   and   g_t = e_t + k_{t+1}.
+    Every gradient is read off e, k and the states without dividing by a decay: db_t = g_t and
+    d(delta_t A) = g_t a_t h_{t-1} = k_t h_{t-1}.
     """
 
     @staticmethod
@@ -207,33 +268,32 @@ class ParallelScan(torch.autograd.Function):
         chunk = 1 << (min(CHUNK, length) - 1).bit_length()  # a power of two, no longer than needed
         padded = -(-length // chunk) * chunk
         u, delta, B, C = (_time_major(x, padded) for x in (u, delta, B, C))  # (L', B, D) and (L', B, N)
-        order = bit_reversed(chunk, u.device)
         y = torch.empty_like(u)                                              # (L', B, D)
         At = A.t().contiguous()                                              # (N, D)
-        h0 = u.new_zeros(u.shape[1], *At.shape)                              # (B, N, D)
-        entry_states = []
-        for start in range(0, padded, chunk)[::-1] if reverse else range(0, padded, chunk):
-            steps = start + order                                            # bit-reversed time
-            entry_states.append(h0)
-            y[steps], h0 = _forward_chunk(delta[steps], u[steps], B[steps], C[steps], At, h0, reverse)
-        ctx.save_for_backward(u, delta, At, B, C, torch.stack(entry_states))
+        base, scale = _decay_base(At)
+        h = u.new_zeros(u.shape[1], *At.shape)                               # (B, N, D)
+        entries = []
+        for steps in _chunks(padded, chunk, reverse, u.device):             # steps: (q, P)
+            y[steps], h, entry = _forward_chunk(delta[steps], u[steps], B[steps], C[steps], base, scale, h)
+            entries.append(entry)
+        ctx.save_for_backward(u, delta, At, B, C, torch.stack(entries))     # (chunks, P, B, N, D)
         ctx.reverse, ctx.length = reverse, length
         return y[:length].permute(1, 2, 0)                                   # (B, D, L)
 
     @staticmethod
     def backward(ctx, dy):
-        u, delta, At, B, C, entry_states = ctx.saved_tensors
-        reverse, padded, chunk = ctx.reverse, u.shape[0], u.shape[0] // len(entry_states)
+        u, delta, At, B, C, entries = ctx.saved_tensors
+        padded, chunk = u.shape[0], u.shape[0] // len(entries)
         dy = _time_major(dy, padded)                                         # (L', B, D)
-        order = bit_reversed(chunk, u.device)
+        base, scale = _decay_base(At)
         du, ddelta, dB, dC = (torch.empty_like(x) for x in (u, delta, B, C))
         dAt = torch.zeros_like(At)
-        k_next = torch.zeros_like(entry_states[0])  # a g flowing back from the chunk after this one
-        starts = list(range(0, padded, chunk)[::-1] if reverse else range(0, padded, chunk))
-        for i in reversed(range(len(starts))):
-            steps = starts[i] + order
-            du[steps], ddelta[steps], dB[steps], dC[steps], dAt_chunk, k_next = _backward_chunk(
-                delta[steps], u[steps], B[steps], C[steps], dy[steps], At, entry_states[i], k_next, reverse)
+        k = torch.zeros_like(entries[0, 0])  # a g flowing back from the chunk after this one
+        chunks = _chunks(padded, chunk, ctx.reverse, u.device)
+        for i in reversed(range(len(chunks))):
+            steps = chunks[i]
+            du[steps], ddelta[steps], dB[steps], dC[steps], dAt_chunk, k = _backward_chunk(
+                delta[steps], u[steps], B[steps], C[steps], dy[steps], At, base, scale, entries[i], k)
             dAt += dAt_chunk
         length = ctx.length
         du, ddelta, dB, dC = (x[:length].permute(1, 2, 0) for x in (du, ddelta, dB, dC))

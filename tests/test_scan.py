@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import scan
-from scan import bit_reversed, exclusive_scan, selective_scan, selective_scan_ref
+from scan import bit_reversed, blocked_scan, exclusive_scan, selective_scan, selective_scan_ref
 
 OPTIONS = list(itertools.product([False, True], repeat=4))  # z, delta_bias, delta_softplus, reverse
 
@@ -63,11 +63,12 @@ def test_parallel_equals_definition(length, use_z, use_bias, softplus, reverse):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
 
 
-def test_chunk_boundaries_do_not_matter(monkeypatch):
+def test_chunk_and_block_boundaries_do_not_matter(monkeypatch):
     inputs = make_inputs(2, 3, 50, 4)
     outputs = []
-    for chunk in (1, 3, 16, 64):  # 3 rounds up to 4
+    for chunk, block in ((1, 1), (3, 2), (16, 1), (16, 4), (64, 8), (64, 64)):  # 3 rounds up to 4
         monkeypatch.setattr(scan, "CHUNK", chunk)
+        monkeypatch.setattr(scan, "BLOCK", block)
         x = {k: v.clone().requires_grad_() for k, v in inputs.items()}
         y = selective_scan(**x, delta_softplus=True, reverse=True, backend="parallel")
         outputs.append(torch.cat([y.flatten()] + [g.flatten() for g in torch.autograd.grad(y.sum(), list(x.values()))]))
@@ -75,17 +76,42 @@ def test_chunk_boundaries_do_not_matter(monkeypatch):
         torch.testing.assert_close(out, outputs[0], rtol=1e-10, atol=1e-10)
 
 
+def loop_states(a, b, h0, reverse):
+    """The states before and after each step of h_t = a_t h_{t-1} + b_t, in natural time order."""
+    h, before, after = h0, [None] * len(a), [None] * len(a)
+    for t in (reversed(range(len(a))) if reverse else range(len(a))):
+        before[t] = h
+        h = after[t] = a[t] * h + b[t]
+    return torch.stack(before), torch.stack(after)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_blocked_scan_closed_form(reverse):
+    q, P = 4, 8  # 32 steps: 8 blocks of 4
+    a, b = torch.rand(q * P, 2, 3, dtype=torch.float64), torch.randn(q * P, 2, 3, dtype=torch.float64)
+    h0 = torch.randn(2, 3, dtype=torch.float64)
+    before, after = loop_states(a, b, h0, reverse)
+    steps = bit_reversed(P, "cpu") * q + torch.arange(q)[:, None]  # (q, P): step j of block p
+    decay = a[steps].prod(0)                                          # each block's product of a
+    states = torch.empty(q + 1, P, 2, 3, dtype=torch.float64)
+    (states[:q] if reverse else states[1:]).copy_(b[steps])  # b in the slots of the states after each step
+    blocked_scan(a[steps], decay, states, h0, reverse)
+    torch.testing.assert_close(states[1:] if reverse else states[:q], before[steps])
+    torch.testing.assert_close(states[:q] if reverse else states[1:], after[steps])
+    states[q if reverse else 0] = before[steps][q - 1 if reverse else 0]  # given entry states: pass 3 alone
+    (states[:q] if reverse else states[1:]).copy_(b[steps])
+    blocked_scan(a[steps], None, states, None, reverse)
+    torch.testing.assert_close(states[:q] if reverse else states[1:], after[steps])
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_exclusive_scan_closed_form(reverse):
     a, b = torch.rand(16, 2, 3, dtype=torch.float64), torch.randn(16, 2, 3, dtype=torch.float64)
     h0 = torch.randn(2, 3, dtype=torch.float64)
-    h, before = h0, [None] * 16
-    for t in (reversed(range(16)) if reverse else range(16)):  # the loop, in natural time order
-        before[t] = h
-        h = a[t] * h + b[t]
+    before, _ = loop_states(a, b, h0, reverse)
     order = bit_reversed(16, "cpu")
     assert order.tolist() == [0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15]
-    torch.testing.assert_close(exclusive_scan(a[order], b[order], h0, reverse), torch.stack(before)[order])
+    torch.testing.assert_close(exclusive_scan(a[order], b[order], h0, reverse), before[order])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -138,6 +164,7 @@ def test_memory_is_bounded_by_a_chunk():
         y = selective_scan(**x, delta_softplus=True, backend="parallel")
         torch.autograd.grad(y.sum(), [x["u"], x["delta"], x["B"], x["C"]])
     full = batch * dim * length * state  # 268 MB in fp32
+    # the largest: the states entering every block of BLOCK = 16 steps, saved for the backward
     assert tracker.largest <= full // 16, f"a tensor of {tracker.largest} elements (full: {full})"
     assert tracker.largest >= batch * dim * length  # the tracker saw the (B, D, L) tensors
 
