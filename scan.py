@@ -13,10 +13,11 @@ branch of the bidirectional mixer; no flipped copy of the inputs is made.
 
 Three implementations (backend="ref", "parallel", "triton"), which the tests prove equal:
   selective_scan_ref     the definition: a Python loop over t. Slow on purpose; read it first.
-  ParallelScan           pure PyTorch, log-depth: the recurrence h_t = a_t h_{t-1} + b_t is solved
-                         by recursive doubling inside chunks of L, the state is carried from chunk
-                         to chunk, and a custom autograd.Function runs the same scan backwards for
-                         the gradient. Memory grows with one chunk, never with (B, D, L, N).
+  ParallelScan           pure PyTorch: the recurrence h_t = a_t h_{t-1} + b_t is solved chunk by
+                         chunk of L, each chunk cut into blocks of a few steps that are all scanned
+                         at once, one step after another, with recursive doubling (log-depth)
+                         across the blocks; a custom autograd.Function runs the same scan backwards
+                         for the gradient. Memory grows with one chunk, never with (B, D, L, N).
   TritonScan             one fused Triton kernel forward and one backward, the state in registers,
                          checkpoints at tile boundaries. The fast path on GPUs.
 backend="auto" takes Triton for CUDA tensors when it is installed, else the parallel scan; asking
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "ref", "parallel", "triton")
-CHUNK = 128  # steps per chunk of the parallel scan (a power of two): (128, B, D, N) fp32 at DiM-XL width is 150 MB
+CHUNK = 256  # steps per chunk of the parallel scan (a power of two): (256, B, N, D) fp32 at DiM-XL width is 302 MB
 BLOCK = 16   # steps per block inside a chunk (a power of two), scanned one after another
 
 
@@ -157,7 +158,8 @@ def blocked_scan(a, decay, states, h0=None, reverse=False):
       3. each block again, from its entry state: every state, written over b.
     Each of the 2q steps is one tensor operation on all P blocks at once, and the doubling only sees
     P = chunk / q entries, so the chunk's large tensors are read about twice in all; doubling over
-    every step would read them about five times. With h0=None the entry states are already in their
+    every step would read them about five times. The depth is 2q + log2(P) operations (q = 1 is
+    plain recursive doubling over every step). With h0=None the entry states are already in their
     slot (the backward saved them) and only the third pass runs.
     """
     q = a.shape[0]
@@ -183,7 +185,9 @@ def bit_reversed(length, device):
 def _time_major(x, length):
     """(B, D or N, L) -> (length, B, D or N), contiguous, zero-padded in time: a step with delta = 0
     and u = 0 is the identity (a = 1, b = 0), so padding changes nothing before it or after it."""
-    return F.pad(x, (0, length - x.shape[-1])).permute(2, 0, 1).contiguous()
+    if length > x.shape[-1]:
+        x = F.pad(x, (0, length - x.shape[-1]))
+    return x.permute(2, 0, 1).contiguous()
 
 
 def _chunks(padded, chunk, reverse, device):
@@ -491,7 +495,7 @@ if triton is not None:
             tl.store(dD_ptr + batch * dim + d, dD, mask=d < dim)
 
 
-TRITON_BLOCK_D, TRITON_TILE, TRITON_WARPS = 8, 8, 1  # backward: channels per program, steps per tile, warps
+TRITON_BLOCK_D, TRITON_TILE, TRITON_WARPS = 4, 8, 1  # backward: channels per program, steps per tile, warps
 TRITON_FORWARD_BLOCK_D, TRITON_FORWARD_WARPS = 16, 1    # forward: channels per program, warps
 
 

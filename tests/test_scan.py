@@ -210,6 +210,7 @@ def test_triton_equals_definition(use_z, use_bias, softplus, reverse, monkeypatc
 @pytest.mark.skipif(scan.triton is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
 def test_triton_memory_is_bounded_by_a_tile(monkeypatch):
     monkeypatch.setattr(scan, "TRITON_TILE", 8)
+    monkeypatch.setattr(scan, "TRITON_BLOCK_D", 4)  # two blocks of the 8 channels
     batch, dim, length, state = 2, 8, 64, 4
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = {k: v.float().to(device).requires_grad_() for k, v in make_inputs(batch, dim, length, state).items()}
