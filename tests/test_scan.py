@@ -140,6 +140,23 @@ def test_large_delta_stays_finite_and_exact():
         torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_very_negative_A_does_not_underflow():
+    # exp(A) underflows to 0 in fp32 below A = -104, but exp(delta A) with a small delta does not:
+    # the parallel scan raises exp(A / s) to the power delta s, with s large enough for any A.
+    inputs = make_inputs(2, 4, 40, 8, delta_scale=0.02)
+    inputs["A"] = -torch.linspace(50.0, 800.0, 32, dtype=torch.float64).view(4, 8)
+    inputs.pop("delta_bias")
+    x = {k: v.float().requires_grad_() for k, v in inputs.items()}
+    y = selective_scan(**x, backend="parallel")
+    grads = torch.autograd.grad(y.sum(), list(x.values()))
+    ref = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y_ref = selective_scan_ref(**ref)
+    grads_ref = torch.autograd.grad(y_ref.sum(), list(ref.values()))
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(inputs, grads, grads_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item(), msg=f"gradient of {name}")
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any operation creates."""
 
