@@ -223,7 +223,7 @@ def _forward_chunk(delta, u, B, C, base, scale, h0):
     torch.mul((delta * u)[..., None, :], B[..., None], out=h[1:])          # b_t = delta_t u_t B_t
     blocked_scan(a, decay, h, h0)                                           # h[1:] = h_t
     y = torch.matmul(C[..., None, :], h[1:])[..., 0, :]                    # <C_t, h_t>: (q, P, B, D)
-    return y, h[-1, -1].clone(), h[0].clone()  # the last step of the last block (copies free h)
+    return y, h[-1, -1].clone(), h[0].clone()  # after the last block's last step; entering each block
 
 
 def _backward_chunk(delta, u, B, C, dy, At, base, scale, entries, k_next):
@@ -241,9 +241,11 @@ def _backward_chunk(delta, u, B, C, dy, At, base, scale, entries, k_next):
     torch.mul(a, C[..., None], out=k[:-1]).mul_(dy[..., None, :])          # a_t e_t, e_t = C_t dy_t
     blocked_scan(a, decay, k, k_next, reverse=True)                         # k[:-1] = k_t, k[1:] = k_{t+1}
     del a
-    # g_t = e_t + k_{t+1} is never formed: its two contractions split, and e's part is small
-    g_B = torch.matmul(B[..., None, :], k[1:])[..., 0, :] + dy * (B * C).sum(-1, keepdim=True)  # sum_n g B: (q, P, B, D)
-    dB = torch.matmul(k[1:], delta_u[..., None])[..., 0] + C * (dy * delta_u).sum(-1, keepdim=True)  # sum_d g delta u
+    # g_t = e_t + k_{t+1} is never formed: each contraction of it splits in two, and e's part is small
+    g_B = torch.matmul(B[..., None, :], k[1:])[..., 0, :] \
+        + dy * (B * C).sum(-1, keepdim=True)                                 # sum_n g B: (q, P, B, D)
+    dB = torch.matmul(k[1:], delta_u[..., None])[..., 0] \
+        + C * (dy * delta_u).sum(-1, keepdim=True)                           # sum_d g delta u: (q, P, B, N)
     k_prev = k[0, 0].clone()                                                # k of the chunk's first step
     g_log_a = h[:-1].mul_(k[:-1])                                           # g_t a_t h_{t-1} = k_t h_{t-1}
     del k

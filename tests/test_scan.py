@@ -154,7 +154,8 @@ def test_very_negative_A_does_not_underflow():
     grads_ref = torch.autograd.grad(y_ref.sum(), list(ref.values()))
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
     for name, a, b in zip(inputs, grads, grads_ref):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item(), msg=f"gradient of {name}")
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item(),
+                                   msg=f"gradient of {name}")
 
 
 class LargestTensor(TorchDispatchMode):
