@@ -214,13 +214,19 @@ def _decays(delta, base, scale):
     return torch.pow(base, delta[..., None, :]), torch.pow(base, delta.sum(0)[..., None, :])
 
 
+def _states_holding_b(a, delta_u, B):
+    """blocked_scan's (q + 1, P, B, N, D) states, with b_t = delta_t u_t B_t in the slots after each step."""
+    h = a.new_empty(a.shape[0] + 1, *a.shape[1:])
+    torch.mul(delta_u[..., None, :], B[..., None], out=h[1:])
+    return h
+
+
 def _forward_chunk(delta, u, B, C, base, scale, h0):
     """One chunk, inputs (q, P, B, D or N): y (q, P, B, D), the state after its last step, and the
     state entering each block (P, B, N, D), which the backward restarts from.
     State tensors are (q, P, B, N, D): channels innermost, so every broadcast runs along a long row."""
     a, decay = _decays(delta, base, scale)
-    h = a.new_empty(a.shape[0] + 1, *a.shape[1:])                           # (q + 1, P, B, N, D)
-    torch.mul((delta * u)[..., None, :], B[..., None], out=h[1:])          # b_t = delta_t u_t B_t
+    h = _states_holding_b(a, delta * u, B)
     blocked_scan(a, decay, h, h0)                                           # h[1:] = h_t
     y = torch.matmul(C[..., None, :], h[1:])[..., 0, :]                    # <C_t, h_t>: (q, P, B, D)
     return y, h[-1, -1].clone(), h[0].clone()  # after the last block's last step; entering each block
@@ -232,9 +238,8 @@ def _backward_chunk(delta, u, B, C, dy, At, base, scale, entries, k_next):
     the chunk before."""
     delta_u = delta * u                                                      # (q, P, B, D)
     a, decay = _decays(delta, base, scale)                                  # (q, P, B, N, D)
-    h = a.new_empty(a.shape[0] + 1, *a.shape[1:])
+    h = _states_holding_b(a, delta_u, B)
     h[0] = entries
-    torch.mul(delta_u[..., None, :], B[..., None], out=h[1:])
     blocked_scan(a, decay, h)                                               # h[:-1] = h_{t-1}, h[1:] = h_t
     dC = torch.matmul(h[1:], dy[..., None])[..., 0]                         # <h_t, dy_t>: (q, P, B, N)
     k = torch.empty_like(h)

@@ -298,7 +298,7 @@ def train(args, rank, world, local_rank):
             rate = (step - last_step) / (time.time() - last_time)
             skipped = getattr(getattr(dataset, "skipped", None), "value", 0)
             log(f"step {step:7d}  loss {mean_loss.item():.4f}  steps/s {rate:.2f}  "
-                f"grad_norm {torch.stack(norms).mean().item():.3f}  lr {learning_rate(args, step - 1):.2e}"
+                f"grad_norm {torch.stack(norms).mean().item():.3f}  lr {opt.param_groups[0]['lr']:.2e}"
                 + (f"  ({skipped} unreadable videos skipped so far)" if skipped else ""))
             bar.set_postfix(loss=f"{mean_loss.item():.4f}")
             losses, norms, last_time, last_step = [], [], time.time(), step
