@@ -57,7 +57,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             raise RuntimeError("backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 "
                                f"on the CPU); got {u.device} tensors, Triton "
                                f"{'installed' if triton is not None else 'not installed'}")
-        return TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        wants_grad = torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (u, delta, A, B, C, D, z, delta_bias))
+        return TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, wants_grad)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     u32, delta = u.to(compute), _prepare_delta(delta.to(compute), delta_bias, delta_softplus)
     y = ParallelScan.apply(u32, delta, A.to(compute), B.to(compute), C.to(compute), reverse)
@@ -377,7 +379,7 @@ if triton is not None:
     def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
                              dim, length, num_tiles,
                              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+                             SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, KEEP_STATES: tl.constexpr,
                              N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
         # The recurrence as written, one step after another, with the state (BLOCK_D, N) in registers:
         # a step costs one exp2 and two multiply-adds per (channel, state). The inputs of T steps are
@@ -398,7 +400,8 @@ if triton is not None:
             u, delta_raw, delta, B, C, offsets, valid = _load_tile(
                 u_ptr, delta_ptr, B_ptr, C_ptr, bias, batch, d, t, dim, length, HAS_BIAS, SOFTPLUS, N)
             state_offsets = ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :]
-            tl.store(states_ptr + state_offsets, h, mask=d[:, None] < dim)      # the checkpoint
+            if KEEP_STATES:  # the checkpoint, for the backward (not when no gradient is wanted)
+                tl.store(states_ptr + state_offsets, h, mask=d[:, None] < dim)
             delta_u = delta * u
             y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
             for s in tl.static_range(T):
@@ -514,7 +517,7 @@ class TritonScan(torch.autograd.Function):
     """The whole selective_scan (bias, softplus, D, z, reverse) in one forward and one backward kernel."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, wants_grad):
         u, delta, B, C = (x.contiguous() for x in (u, delta, B, C))
         z = z.contiguous() if z is not None else None
         A, D, delta_bias = A.float().contiguous(), _float_or_none(D), _float_or_none(delta_bias)
@@ -522,11 +525,12 @@ class TritonScan(torch.autograd.Function):
         state = A.shape[1]
         num_tiles = triton.cdiv(length, TRITON_TILE)
         y = torch.empty_like(u)
-        states = u.new_empty(batch, dim, num_tiles, state, dtype=torch.float32)
+        # the checkpoints (as much memory as u in fp32 at T = 8), only when a backward will need them
+        states = u.new_empty(batch, dim, num_tiles, state, dtype=torch.float32) if wants_grad else None
         grid = (batch, triton.cdiv(dim, TRITON_FORWARD_BLOCK_D))
-        _scan_forward_kernel[grid](u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), y, states,
+        _scan_forward_kernel[grid](u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), y, _or(states, A),
                                    dim, length, num_tiles, D is not None, z is not None, delta_bias is not None,
-                                   delta_softplus, reverse, state, TRITON_FORWARD_BLOCK_D, TRITON_TILE,
+                                   delta_softplus, reverse, wants_grad, state, TRITON_FORWARD_BLOCK_D, TRITON_TILE,
                                    num_warps=TRITON_FORWARD_WARPS)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.options = (delta_softplus, reverse)
@@ -552,7 +556,7 @@ class TritonScan(torch.autograd.Function):
             state, TRITON_BLOCK_D, TRITON_TILE, num_warps=TRITON_WARPS)
         dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
         return (du, ddelta.to(delta.dtype), dA.sum(0), dB.to(B.dtype), dC.to(C.dtype),
-                dD.sum(0) if D is not None else None, dz, dbias, None, None)
+                dD.sum(0) if D is not None else None, dz, dbias, None, None, None)
 
 
 def _float_or_none(x):

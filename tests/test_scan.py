@@ -240,6 +240,21 @@ def test_triton_memory_is_bounded_by_a_tile(monkeypatch):
     assert tracker.largest_bytes == batch * dim * length * 4, f"a tensor of {tracker.largest_bytes} bytes"
 
 
+@pytest.mark.skipif(scan.triton is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
+def test_triton_keeps_checkpoints_only_for_a_backward(monkeypatch):
+    monkeypatch.setattr(scan, "TRITON_TILE", 8)
+    batch, dim, length, state = 2, 16, 32, 16  # checkpoints (B, D, L/8, N): twice the bytes of u
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = {k: v.float().to(device).requires_grad_() for k, v in make_inputs(batch, dim, length, state).items()}
+    u_bytes = batch * dim * length * 4
+    with LargestTensor() as training:
+        y = selective_scan(**x, delta_softplus=True, backend="triton")
+    with torch.no_grad(), LargestTensor() as sampling:
+        y_no_grad = selective_scan(**x, delta_softplus=True, backend="triton")
+    assert training.largest_bytes == 2 * u_bytes and sampling.largest_bytes == u_bytes
+    assert torch.equal(y, y_no_grad)
+
+
 def test_triton_backend_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend='triton' needs Triton and CUDA tensors"):
