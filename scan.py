@@ -322,9 +322,8 @@ class ParallelScan(torch.autograd.Function):
 # (N, T) are loaded at once. The forward then steps through the tile one time step after another
 # (the recurrence as written) and stores y and the state entering each tile (the checkpoints). The
 # backward walks the tiles the other way: it recomputes a tile's states from its checkpoint, one
-# step at a time, parks them in a small per-program scratch buffer (T, BLOCK_D, N) that stays in
-# L2, and walks the tile backwards through the adjoint recurrence reading them back. `reverse` only
-# changes the order of tiles and steps: nothing is flipped in memory.
+# step at a time, keeps the T of them in registers, and walks the tile backwards through the adjoint
+# recurrence. `reverse` only changes the order of tiles and steps: nothing is flipped in memory.
 
 try:
     import triton
@@ -417,16 +416,16 @@ if triton is not None:
 
     @triton.jit
     def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr,
-                              du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr, scratch_ptr,
+                              du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr,
                               dim, length, num_tiles,
                               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                               SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
                               N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
         # The tiles against the scan's order. Each tile runs twice, one step at a time like the forward:
-        # first forward from its checkpoint, writing the state before each step to this program's
-        # scratch (T, BLOCK_D, N), which stays in L2; then backward through the adjoint
+        # first forward from its checkpoint, keeping the state before each step (a tuple of T register
+        # tiles (BLOCK_D, N): the unrolled loop names each one), then backward through the adjoint
         #     g_t = C_t dy_t + m,   m <- a_t g_t   (m: what flows back into the step before)
-        # reading those states back, with every gradient read off g and the states.
+        # with every gradient read off g and the states.
         batch, block = tl.program_id(0), tl.program_id(1)
         d = block * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N)
@@ -435,8 +434,6 @@ if triton is not None:
         A_log2 = A * LOG2E
         bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
         skip = tl.load(D_ptr + d, mask=d < dim, other=0.0) if HAS_D else 0.0
-        scratch = scratch_ptr + (batch * tl.num_programs(1) + block) * T * BLOCK_D * N \
-            + tl.arange(0, BLOCK_D)[:, None] * N + n[None, :]                   # step 0's (BLOCK_D, N)
         message = tl.zeros((BLOCK_D, N), dtype=tl.float32)
         dA = tl.zeros((BLOCK_D, N), dtype=tl.float32)
         dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -449,11 +446,11 @@ if triton is not None:
                         mask=d[:, None] < dim, other=0.0)
             delta_u = delta * u
             dy = tl.load(dout_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-            tl.debug_barrier()  # the previous tile is done reading the scratch
             y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            before = ()                                                         # the state before each step
             for s in tl.static_range(T):  # forward: the states, and y where the gate needs it
                 k = T - 1 - s if REVERSE else s                                 # the step within the tile
-                tl.store(scratch + k * BLOCK_D * N, h)                          # the state before step k
+                before = before + (h,)
                 here = steps == k
                 h = _advance(h, delta, delta_u, B, here, A_log2)
                 if HAS_Z:
@@ -465,7 +462,6 @@ if triton is not None:
                 sig = tl.sigmoid(z)
                 tl.store(dz_ptr + offsets, dy * y * sig * (1.0 + z * (1.0 - sig)), mask=valid)
                 dy = dy * z * sig
-            tl.debug_barrier()  # the states are in the scratch
             ddelta = tl.zeros((BLOCK_D, T), dtype=tl.float32)
             du = tl.zeros((BLOCK_D, T), dtype=tl.float32)
             dB = tl.zeros((N, T), dtype=tl.float32)
@@ -473,7 +469,7 @@ if triton is not None:
             for s in tl.static_range(T):  # backward: the adjoint, one step at a time
                 k = s if REVERSE else T - 1 - s
                 here = steps == k
-                h_prev = tl.load(scratch + k * BLOCK_D * N)
+                h_prev = before[T - 1 - s]                                      # the state before step k
                 delta_s, delta_u_s, dy_s = _column(delta, here), _column(delta_u, here), _column(dy, here)
                 B_s, C_s = _column(B, here), _column(C, here)
                 a = tl.exp2(delta_s[:, None] * A_log2)                              # (BLOCK_D, N)
@@ -548,10 +544,9 @@ class TritonScan(torch.autograd.Function):
         dA = u.new_empty(batch, dim, state, dtype=torch.float32)
         dD = u.new_empty(batch, dim, dtype=torch.float32) if D is not None else None
         dB, dC = (u.new_zeros(batch, state, length, dtype=torch.float32) for _ in range(2))  # atomic sums
-        scratch = u.new_empty(batch * num_blocks * TRITON_TILE * TRITON_BLOCK_D * state, dtype=torch.float32)
         _scan_backward_kernel[(batch, num_blocks)](
             u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), states, dout.contiguous(),
-            du, ddelta, _or(dz, du), dA, _or(dD, dA), dB, dC, scratch, dim, length, num_tiles,
+            du, ddelta, _or(dz, du), dA, _or(dD, dA), dB, dC, dim, length, num_tiles,
             D is not None, z is not None, delta_bias is not None, delta_softplus, reverse,
             state, TRITON_BLOCK_D, TRITON_TILE, num_warps=TRITON_WARPS)
         dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None

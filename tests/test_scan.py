@@ -235,7 +235,7 @@ def test_triton_memory_is_bounded_by_a_tile(monkeypatch):
     with LargestTensor() as tracker:
         y = selective_scan(**x, delta_softplus=True, backend="triton")
         torch.autograd.grad(y.sum(), list(x.values()))
-    # checkpoints (B, D, L/T, N), the scratch (B, D, T, N): nothing grows with L times N. (Bytes, as
+    # checkpoints (B, D, L/T, N): nothing grows with L times N. (Bytes, as
     # the interpreter copies every tensor to and from the kernel as raw bytes.)
     assert tracker.largest_bytes == batch * dim * length * 4, f"a tensor of {tracker.largest_bytes} bytes"
 
