@@ -423,7 +423,8 @@ if triton is not None:
                               N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
         # The tiles against the scan's order. Each tile runs twice, one step at a time like the forward:
         # first forward from its checkpoint, keeping the state before each step (a tuple of T register
-        # tiles (BLOCK_D, N): the unrolled loop names each one), then backward through the adjoint
+        # tiles (BLOCK_D, N): the unrolled loop names each one, and the compiler then computes each
+        # step's decay exp2(delta A) once for both passes), then backward through the adjoint
         #     g_t = C_t dy_t + m,   m <- a_t g_t   (m: what flows back into the step before)
         # with every gradient read off g and the states.
         batch, block = tl.program_id(0), tl.program_id(1)
@@ -521,7 +522,7 @@ class TritonScan(torch.autograd.Function):
         state = A.shape[1]
         num_tiles = triton.cdiv(length, TRITON_TILE)
         y = torch.empty_like(u)
-        # the checkpoints (as much memory as u in fp32 at T = 8), only when a backward will need them
+        # the checkpoints (B, D, L/T, N) in fp32 (twice u in fp32 at T = 8, N = 16), only for a backward
         states = u.new_empty(batch, dim, num_tiles, state, dtype=torch.float32) if wants_grad else None
         grid = (batch, triton.cdiv(dim, TRITON_FORWARD_BLOCK_D))
         _scan_forward_kernel[grid](u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), y, _or(states, A),
