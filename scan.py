@@ -423,8 +423,7 @@ if triton is not None:
                               N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
         # The tiles against the scan's order. Each tile runs twice, one step at a time like the forward:
         # first forward from its checkpoint, keeping the state before each step (a tuple of T register
-        # tiles (BLOCK_D, N): the unrolled loop names each one, and the compiler then computes each
-        # step's decay exp2(delta A) once for both passes), then backward through the adjoint
+        # tiles (BLOCK_D, N): the unrolled loop names each one), then backward through the adjoint
         #     g_t = C_t dy_t + m,   m <- a_t g_t   (m: what flows back into the step before)
         # with every gradient read off g and the states.
         batch, block = tl.program_id(0), tl.program_id(1)
