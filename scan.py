@@ -422,8 +422,8 @@ if triton is not None:
                               SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
                               N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
         # The tiles against the scan's order. Each tile runs twice, one step at a time like the forward:
-        # first forward from its checkpoint, keeping the state before each step (a tuple of T register
-        # tiles (BLOCK_D, N): the unrolled loop names each one), then backward through the adjoint
+        # first forward from its checkpoint, keeping every state it passes through (a tuple of T + 1
+        # register tiles (BLOCK_D, N): the unrolled loop names each one), then backward through the adjoint
         #     g_t = C_t dy_t + m,   m <- a_t g_t   (m: what flows back into the step before)
         # with every gradient read off g and the states.
         batch, block = tl.program_id(0), tl.program_id(1)
@@ -447,12 +447,12 @@ if triton is not None:
             delta_u = delta * u
             dy = tl.load(dout_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
             y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-            before = ()                                                         # the state before each step
+            path = (h,)                                                         # path[s]: the state before loop step s
             for s in tl.static_range(T):  # forward: the states, and y where the gate needs it
                 k = T - 1 - s if REVERSE else s                                 # the step within the tile
-                before = before + (h,)
                 here = steps == k
                 h = _advance(h, delta, delta_u, B, here, A_log2)
+                path = path + (h,)
                 if HAS_Z:
                     y = _set_column(y, here, tl.sum(h * _column(C, here)[None, :], axis=1))
             if HAS_Z:  # y_out = y * silu(z)
@@ -469,12 +469,11 @@ if triton is not None:
             for s in tl.static_range(T):  # backward: the adjoint, one step at a time
                 k = s if REVERSE else T - 1 - s
                 here = steps == k
-                h_prev = before[T - 1 - s]                                      # the state before step k
+                h_prev, h = path[T - 1 - s], path[T - s]                        # before and after step k
                 delta_s, delta_u_s, dy_s = _column(delta, here), _column(delta_u, here), _column(dy, here)
                 B_s, C_s = _column(B, here), _column(C, here)
                 a = tl.exp2(delta_s[:, None] * A_log2)                              # (BLOCK_D, N)
                 g = message + dy_s[:, None] * C_s[None, :]                          # dLoss/dh_t
-                h = a * h_prev + delta_u_s[:, None] * B_s[None, :]
                 dC = _set_column(dC, here, tl.sum(h * dy_s[:, None], axis=0))
                 dB = _set_column(dB, here, tl.sum(g * delta_u_s[:, None], axis=0))
                 g_B = tl.sum(g * B_s[None, :], axis=1)                               # (BLOCK_D,)
