@@ -340,23 +340,51 @@ if triton is not None:
         return tl.where(x > 20.0, x, tl.where(x < -5.0, e * (1.0 - 0.5 * e), tl.log(1.0 + e)))
 
     @triton.jit
-    def _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, bias, batch, d, t, dim, length,
-                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, N: tl.constexpr):
-        """u, delta before and after bias + softplus (BLOCK_D, T), B and C (N, T), as fp32; zero past L."""
+    def _tile_offsets(batch, d, t, dim, length):
+        """Where a (BLOCK_D, T) tile of a (B, D, L) input lies, and which of its entries exist."""
+        valid = (d[:, None] < dim) & (t[None, :] >= 0) & (t[None, :] < length)
+        return batch * dim * length + d[:, None] * length + t[None, :], valid
+
+    @triton.jit
+    def _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, extra_ptr, batch, d, t, dim, length,
+                   HAS_EXTRA: tl.constexpr, N: tl.constexpr):
+        """A tile's inputs as stored: u, delta, extra (z or dy) (BLOCK_D, T) and B, C (N, T), zero
+        outside [0, L). The kernels ask for the next tile's before they work on this one, so the
+        memory latency hides behind a tile of arithmetic instead of stalling every tile."""
         n = tl.arange(0, N)
-        valid = (d[:, None] < dim) & (t[None, :] < length)
-        offsets = batch * dim * length + d[:, None] * length + t[None, :]
-        u = tl.load(u_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-        delta_raw = tl.load(delta_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+        offsets, valid = _tile_offsets(batch, d, t, dim, length)
+        u = tl.load(u_ptr + offsets, mask=valid, other=0.0)
+        delta = tl.load(delta_ptr + offsets, mask=valid, other=0.0)
+        extra = tl.load(extra_ptr + offsets, mask=valid, other=0.0) if HAS_EXTRA else u
+        state_offsets = batch * N * length + n[:, None] * length + t[None, :]
+        state_valid = (t[None, :] >= 0) & (t[None, :] < length)
+        B = tl.load(B_ptr + state_offsets, mask=state_valid, other=0.0)
+        C = tl.load(C_ptr + state_offsets, mask=state_valid, other=0.0)
+        return u, delta, B, C, extra
+
+    @triton.jit
+    def _load_z(z_ptr, batch, d, t, dim, length, HAS_Z: tl.constexpr):
+        offsets, valid = _tile_offsets(batch, d, t, dim, length)
+        return tl.load(z_ptr + offsets, mask=valid, other=0.0) if HAS_Z else 0.0
+
+    @triton.jit
+    def _load_checkpoint(states_ptr, batch, d, tile, dim, num_tiles, N: tl.constexpr):
+        """The state entering `tile` (BLOCK_D, N), zero for a tile outside [0, num_tiles)."""
+        n = tl.arange(0, N)
+        inside = (d[:, None] < dim) & (tile >= 0) & (tile < num_tiles)
+        return tl.load(states_ptr + ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :],
+                       mask=inside, other=0.0)
+
+    @triton.jit
+    def _prepare(u, delta_raw, B, C, bias, valid, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        """In fp32: u, delta before and after bias + softplus, B and C. delta is zero past the end:
+        a = 1, b = 0 there, the identity step."""
+        delta_raw = delta_raw.to(tl.float32)
         if HAS_BIAS:
             delta_raw += bias[:, None]
         delta = _softplus(delta_raw) if SOFTPLUS else delta_raw
-        delta = tl.where(valid, delta, 0.0)  # a = 1, b = 0 past the end: the identity step
-        state_offsets = batch * N * length + n[:, None] * length + t[None, :]
-        state_valid = t[None, :] < length
-        B = tl.load(B_ptr + state_offsets, mask=state_valid, other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + state_offsets, mask=state_valid, other=0.0).to(tl.float32)
-        return u, delta_raw, delta, B, C, offsets, valid
+        delta = tl.where(valid, delta, 0.0)
+        return u.to(tl.float32), delta_raw, delta, B.to(tl.float32), C.to(tl.float32)
 
     @triton.jit
     def _column(tile, here):
@@ -393,11 +421,18 @@ if triton is not None:
         bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
         skip = tl.load(D_ptr + d, mask=d < dim, other=0.0) if HAS_D else 0.0
         h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+        step = -1 if REVERSE else 1
+        tile = num_tiles - 1 if REVERSE else 0
+        u_next, delta_next, B_next, C_next, z_next = _load_tile(
+            u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, batch, d, tile * T + steps, dim, length, HAS_Z, N)
         for i in range(num_tiles):
             tile = num_tiles - 1 - i if REVERSE else i
             t = tile * T + steps
-            u, delta_raw, delta, B, C, offsets, valid = _load_tile(
-                u_ptr, delta_ptr, B_ptr, C_ptr, bias, batch, d, t, dim, length, HAS_BIAS, SOFTPLUS, N)
+            u, delta_raw, B, C, z = u_next, delta_next, B_next, C_next, z_next
+            u_next, delta_next, B_next, C_next, z_next = _load_tile(    # the next tile's, early
+                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, batch, d, t + step * T, dim, length, HAS_Z, N)
+            offsets, valid = _tile_offsets(batch, d, t, dim, length)
+            u, delta_raw, delta, B, C = _prepare(u, delta_raw, B, C, bias, valid, HAS_BIAS, SOFTPLUS)
             state_offsets = ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :]
             if KEEP_STATES:  # the checkpoint, for the backward (not when no gradient is wanted)
                 tl.store(states_ptr + state_offsets, h, mask=d[:, None] < dim)
@@ -410,7 +445,7 @@ if triton is not None:
             if HAS_D:
                 y += skip[:, None] * u
             if HAS_Z:
-                z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+                z = z.to(tl.float32)
                 y = y * z * tl.sigmoid(z)
             tl.store(y_ptr + offsets, y, mask=valid)
 
@@ -437,15 +472,24 @@ if triton is not None:
         message = tl.zeros((BLOCK_D, N), dtype=tl.float32)
         dA = tl.zeros((BLOCK_D, N), dtype=tl.float32)
         dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        step = 1 if REVERSE else -1
+        tile = 0 if REVERSE else num_tiles - 1
+        u_next, delta_next, B_next, C_next, dy_next = _load_tile(
+            u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, batch, d, tile * T + steps, dim, length, True, N)
+        z_next = _load_z(z_ptr, batch, d, tile * T + steps, dim, length, HAS_Z)
+        h_next = _load_checkpoint(states_ptr, batch, d, tile, dim, num_tiles, N)
         for i in range(num_tiles):
             tile = i if REVERSE else num_tiles - 1 - i
             t = tile * T + steps
-            u, delta_raw, delta, B, C, offsets, valid = _load_tile(
-                u_ptr, delta_ptr, B_ptr, C_ptr, bias, batch, d, t, dim, length, HAS_BIAS, SOFTPLUS, N)
-            h = tl.load(states_ptr + ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :],
-                        mask=d[:, None] < dim, other=0.0)
+            u, delta_raw, B, C, dy, z, h = u_next, delta_next, B_next, C_next, dy_next, z_next, h_next
+            u_next, delta_next, B_next, C_next, dy_next = _load_tile(    # the next tile's, early
+                u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, batch, d, t + step * T, dim, length, True, N)
+            z_next = _load_z(z_ptr, batch, d, t + step * T, dim, length, HAS_Z)
+            h_next = _load_checkpoint(states_ptr, batch, d, tile + step, dim, num_tiles, N)
+            offsets, valid = _tile_offsets(batch, d, t, dim, length)
+            u, delta_raw, delta, B, C = _prepare(u, delta_raw, B, C, bias, valid, HAS_BIAS, SOFTPLUS)
             delta_u = delta * u
-            dy = tl.load(dout_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            dy = dy.to(tl.float32)
             y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
             path = (h,)                                                         # path[s]: the state before loop step s
             for s in tl.static_range(T):  # forward: the states, and y where the gate needs it
@@ -456,7 +500,7 @@ if triton is not None:
                 if HAS_Z:
                     y = _set_column(y, here, tl.sum(h * _column(C, here)[None, :], axis=1))
             if HAS_Z:  # y_out = y * silu(z)
-                z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+                z = z.to(tl.float32)
                 if HAS_D:
                     y += skip[:, None] * u
                 sig = tl.sigmoid(z)
@@ -493,8 +537,8 @@ if triton is not None:
             # atomics (as mamba_ssm does): no per-block partial sums in memory, but the order of the
             # additions, and so the last bits of dB and dC, vary from run to run.
             state_offsets = (batch * N + n[:, None]) * length + t[None, :]
-            tl.atomic_add(dC_ptr + state_offsets, dC, mask=t[None, :] < length)
-            tl.atomic_add(dB_ptr + state_offsets, dB, mask=t[None, :] < length)
+            tl.atomic_add(dC_ptr + state_offsets, dC, mask=t[None, :] < length, sem="relaxed")
+            tl.atomic_add(dB_ptr + state_offsets, dB, mask=t[None, :] < length, sem="relaxed")
         tl.store(dA_ptr + (batch * dim + d[:, None]) * N + n[None, :], dA, mask=d[:, None] < dim)
         if HAS_D:
             tl.store(dD_ptr + batch * dim + d, dD, mask=d < dim)
