@@ -117,6 +117,7 @@ def bench_scan(args):
           "vs first | fwd / floor | f+b / floor |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows = []
+    block_d, tile_bytes, warps = scan_module.TRITON_BLOCK_D, scan_module.TRITON_TILE_BYTES, scan_module.TRITON_WARPS
     for length in args.length:
         for dtype_name in args.dtype:
             dtype = dtypes[dtype_name]
@@ -126,16 +127,17 @@ def bench_scan(args):
             grads = [x[k].requires_grad_() for k in ("u", "delta", "B", "C", "z")]
             ref_y, ref_grads = None, None
             dy = torch.randn(args.batch, args.dim, length, device=device, dtype=dtype)
+            backward_configs = args.triton_config or [f"{block_d}x{tile_bytes // dtype.itemsize}x{warps}"]
             options = dict(parallel=[f"{c}/{b}" for c in args.chunk for b in args.block],
-                           triton=[f"{b}/{f}" for b in args.triton_config for f in args.triton_forward_config])
+                           triton=[f"{b}/{f}" for b in backward_configs for f in args.triton_forward_config])
             variants = [(b, o) for b in args.backend for o in options.get(b, [None])]
             for backend, option in variants:  # option: chunk and block sizes, or the Triton kernel shapes
                 if backend == "parallel":
                     scan_module.CHUNK, scan_module.BLOCK = map(int, option.split("/"))
                 if backend == "triton":
                     backward_config, forward_config = option.split("/")
-                    scan_module.TRITON_BLOCK_D, scan_module.TRITON_TILE, scan_module.TRITON_WARPS = \
-                        map(int, backward_config.split("x"))
+                    scan_module.TRITON_BLOCK_D, tile, scan_module.TRITON_WARPS = map(int, backward_config.split("x"))
+                    scan_module.TRITON_TILE_BYTES = tile * dtype.itemsize  # both kernels take T steps a tile
                     scan_module.TRITON_FORWARD_BLOCK_D, scan_module.TRITON_FORWARD_WARPS = \
                         map(int, forward_config.split("x"))
 
@@ -384,9 +386,9 @@ def main(argv=None):
                       help="chunk sizes of the parallel scan to try")
     scan.add_argument("--block", type=int, nargs="+", default=[scan_module.BLOCK],
                       help="block sizes (steps scanned one after another) of the parallel scan to try")
-    scan.add_argument("--triton-config", nargs="+", default=[
-        f"{scan_module.TRITON_BLOCK_D}x{scan_module.TRITON_TILE}x{scan_module.TRITON_WARPS}"],
-        help="Triton backward kernel shapes to try, as DxTxW (channels per program x steps per tile x warps)")
+    scan.add_argument("--triton-config", nargs="+", default=None,
+                      help="Triton backward kernel shapes to try, as DxTxW (channels per program x steps per tile "
+                      "x warps; the forward takes the same steps per tile); default: scan.py's for each dtype")
     scan.add_argument("--triton-forward-config", nargs="+", default=[
         f"{scan_module.TRITON_FORWARD_BLOCK_D}x{scan_module.TRITON_FORWARD_WARPS}"],
         help="Triton forward kernel shapes to try, as DxW (channels per program x warps)")

@@ -319,11 +319,12 @@ class ParallelScan(torch.autograd.Function):
 #
 # One program per (batch, block of BLOCK_D channels). The state (BLOCK_D, N) stays in registers in
 # fp32 while the program walks L in tiles of T steps; each tile's u, delta, z (BLOCK_D, T) and B, C
-# (N, T) are loaded at once. The forward then steps through the tile one time step after another
-# (the recurrence as written) and stores y and the state entering each tile (the checkpoints). The
-# backward walks the tiles the other way: it recomputes a tile's states from its checkpoint, one
-# step at a time, keeps the T of them in registers, and walks the tile backwards through the adjoint
-# recurrence. `reverse` only changes the order of tiles and steps: nothing is flipped in memory.
+# (N, T) are loaded at once, a tile ahead. The forward then steps through the tile one time step after
+# another (the recurrence as written) and stores y and the state entering each tile (the checkpoints),
+# and, for a backward, y before the gate. The backward walks the tiles the other way: it recomputes a
+# tile's states from its checkpoint, one step at a time, keeps the T of them in registers, and walks
+# the tile backwards through the adjoint recurrence. `reverse` only changes the order of tiles and
+# steps: nothing is flipped in memory.
 
 try:
     import triton
@@ -403,8 +404,8 @@ if triton is not None:
             + _column(delta_u, here)[:, None] * _column(B, here)[None, :]
 
     @triton.jit
-    def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
-                             dim, length, num_tiles,
+    def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+                             y_ptr, ungated_ptr, states_ptr, dim, length, num_tiles,
                              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                              SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, KEEP_STATES: tl.constexpr,
                              N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
@@ -445,14 +446,16 @@ if triton is not None:
             if HAS_D:
                 y += skip[:, None] * u
             if HAS_Z:
+                if KEEP_STATES:  # y before the gate, in fp32: the backward's dz needs it
+                    tl.store(ungated_ptr + offsets, y, mask=valid)
                 z = z.to(tl.float32)
                 y = y * z * tl.sigmoid(z)
             tl.store(y_ptr + offsets, y, mask=valid)
 
     @triton.jit
-    def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr,
-                              du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr,
-                              dim, length, num_tiles,
+    def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+                              ungated_ptr, states_ptr, dout_ptr,
+                              du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr, dim, length, num_tiles,
                               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                               SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
                               N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
@@ -460,7 +463,8 @@ if triton is not None:
         # first forward from its checkpoint, keeping every state it passes through (a tuple of T + 1
         # register tiles (BLOCK_D, N): the unrolled loop names each one), then backward through the adjoint
         #     g_t = C_t dy_t + m,   m <- a_t g_t   (m: what flows back into the step before)
-        # with every gradient read off g and the states.
+        # with every gradient read off g and the states: dB and dC as sums over the channels a step,
+        # du and ddelta from two sums over the states a step, put together once a tile.
         batch, block = tl.program_id(0), tl.program_id(1)
         d = block * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N)
@@ -477,37 +481,33 @@ if triton is not None:
         u_next, delta_next, B_next, C_next, dy_next = _load_tile(
             u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, batch, d, tile * T + steps, dim, length, True, N)
         z_next = _load_z(z_ptr, batch, d, tile * T + steps, dim, length, HAS_Z)
+        y_next = _load_z(ungated_ptr, batch, d, tile * T + steps, dim, length, HAS_Z)
         h_next = _load_checkpoint(states_ptr, batch, d, tile, dim, num_tiles, N)
         for i in range(num_tiles):
             tile = i if REVERSE else num_tiles - 1 - i
             t = tile * T + steps
-            u, delta_raw, B, C, dy, z, h = u_next, delta_next, B_next, C_next, dy_next, z_next, h_next
+            u, delta_raw, B, C, dy, z, y, h = u_next, delta_next, B_next, C_next, dy_next, z_next, y_next, h_next
             u_next, delta_next, B_next, C_next, dy_next = _load_tile(    # the next tile's, early
                 u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, batch, d, t + step * T, dim, length, True, N)
             z_next = _load_z(z_ptr, batch, d, t + step * T, dim, length, HAS_Z)
+            y_next = _load_z(ungated_ptr, batch, d, t + step * T, dim, length, HAS_Z)
             h_next = _load_checkpoint(states_ptr, batch, d, tile + step, dim, num_tiles, N)
             offsets, valid = _tile_offsets(batch, d, t, dim, length)
             u, delta_raw, delta, B, C = _prepare(u, delta_raw, B, C, bias, valid, HAS_BIAS, SOFTPLUS)
             delta_u = delta * u
             dy = dy.to(tl.float32)
-            y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
             path = (h,)                                                         # path[s]: the state before loop step s
-            for s in tl.static_range(T):  # forward: the states, and y where the gate needs it
+            for s in tl.static_range(T):  # forward: the states
                 k = T - 1 - s if REVERSE else s                                 # the step within the tile
-                here = steps == k
-                h = _advance(h, delta, delta_u, B, here, A_log2)
+                h = _advance(h, delta, delta_u, B, steps == k, A_log2)
                 path = path + (h,)
-                if HAS_Z:
-                    y = _set_column(y, here, tl.sum(h * _column(C, here)[None, :], axis=1))
-            if HAS_Z:  # y_out = y * silu(z)
+            if HAS_Z:  # y_out = y * silu(z), with y (before the gate) as the forward stored it
                 z = z.to(tl.float32)
-                if HAS_D:
-                    y += skip[:, None] * u
                 sig = tl.sigmoid(z)
                 tl.store(dz_ptr + offsets, dy * y * sig * (1.0 + z * (1.0 - sig)), mask=valid)
                 dy = dy * z * sig
-            ddelta = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-            du = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            g_B = tl.zeros((BLOCK_D, T), dtype=tl.float32)                     # sum_n g B, each step
+            g_A = tl.zeros((BLOCK_D, T), dtype=tl.float32)                     # sum_n g a h_{t-1} A
             dB = tl.zeros((N, T), dtype=tl.float32)
             dC = tl.zeros((N, T), dtype=tl.float32)
             for s in tl.static_range(T):  # backward: the adjoint, one step at a time
@@ -520,12 +520,12 @@ if triton is not None:
                 g = message + dy_s[:, None] * C_s[None, :]                          # dLoss/dh_t
                 dC = _set_column(dC, here, tl.sum(h * dy_s[:, None], axis=0))
                 dB = _set_column(dB, here, tl.sum(g * delta_u_s[:, None], axis=0))
-                g_B = tl.sum(g * B_s[None, :], axis=1)                               # (BLOCK_D,)
+                g_B = _set_column(g_B, here, tl.sum(g * B_s[None, :], axis=1))
                 g_log_a = g * a * h_prev                                            # g a h_{t-1}
-                ddelta = _set_column(ddelta, here, g_B * _column(u, here) + tl.sum(g_log_a * A, axis=1))
-                du = _set_column(du, here, g_B * delta_s)
+                g_A = _set_column(g_A, here, tl.sum(g_log_a * A, axis=1))
                 dA += g_log_a * delta_s[:, None]
                 message = a * g
+            du, ddelta = g_B * delta, g_B * u + g_A
             if SOFTPLUS:
                 ddelta = ddelta * tl.sigmoid(delta_raw)
             if HAS_D:
@@ -535,7 +535,8 @@ if triton is not None:
             tl.store(ddelta_ptr + offsets, ddelta, mask=valid)
             # dB and dC sum over all channels: each program adds its block's share, (N, T), with fp32
             # atomics (as mamba_ssm does): no per-block partial sums in memory, but the order of the
-            # additions, and so the last bits of dB and dC, vary from run to run.
+            # additions, and so the last bits of dB and dC, vary from run to run. Relaxed: only the sum
+            # matters, so no memory barrier around them (with one, the backward took 20% longer).
             state_offsets = (batch * N + n[:, None]) * length + t[None, :]
             tl.atomic_add(dC_ptr + state_offsets, dC, mask=t[None, :] < length, sem="relaxed")
             tl.atomic_add(dB_ptr + state_offsets, dB, mask=t[None, :] < length, sem="relaxed")
@@ -544,8 +545,9 @@ if triton is not None:
             tl.store(dD_ptr + batch * dim + d, dD, mask=d < dim)
 
 
-TRITON_BLOCK_D, TRITON_TILE, TRITON_WARPS = 4, 8, 1  # backward: channels per program, steps per tile, warps
+TRITON_BLOCK_D, TRITON_WARPS = 4, 1                  # backward: channels per program, warps
 TRITON_FORWARD_BLOCK_D, TRITON_FORWARD_WARPS = 16, 1    # forward: channels per program, warps
+TRITON_TILE_BYTES = 32  # a tile of both kernels is 32 bytes of a row: 16 steps of bf16 inputs, 8 of fp32
 
 
 def triton_available(device):
@@ -562,23 +564,26 @@ class TritonScan(torch.autograd.Function):
         A, D, delta_bias = A.float().contiguous(), _float_or_none(D), _float_or_none(delta_bias)
         batch, dim, length = u.shape
         state = A.shape[1]
-        num_tiles = triton.cdiv(length, TRITON_TILE)
+        tile = TRITON_TILE_BYTES // u.element_size()  # steps; at 16 fp32 steps Triton lays the tiles out worse
+        num_tiles = triton.cdiv(length, tile)
         y = torch.empty_like(u)
-        # the checkpoints (B, D, L/T, N) in fp32 (twice u in fp32 at T = 8, N = 16), only for a backward
+        # the checkpoints (B, D, L/T, N) in fp32 (u's size in fp32 at T = N = 16), only for a backward
         states = u.new_empty(batch, dim, num_tiles, state, dtype=torch.float32) if wants_grad else None
+        # y before the gate, in fp32, for dz (recomputing it costs the backward a sum over N each step)
+        ungated = torch.empty_like(u, dtype=torch.float32) if wants_grad and z is not None else None
         grid = (batch, triton.cdiv(dim, TRITON_FORWARD_BLOCK_D))
-        _scan_forward_kernel[grid](u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), y, _or(states, A),
-                                   dim, length, num_tiles, D is not None, z is not None, delta_bias is not None,
-                                   delta_softplus, reverse, wants_grad, state, TRITON_FORWARD_BLOCK_D, TRITON_TILE,
-                                   num_warps=TRITON_FORWARD_WARPS)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
-        ctx.options = (delta_softplus, reverse)
+        _scan_forward_kernel[grid](u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), y, _or(ungated, A),
+                                   _or(states, A), dim, length, num_tiles, D is not None, z is not None,
+                                   delta_bias is not None, delta_softplus, reverse, wants_grad, state,
+                                   TRITON_FORWARD_BLOCK_D, tile, num_warps=TRITON_FORWARD_WARPS)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ungated, states)
+        ctx.options = (delta_softplus, reverse, tile)
         return y
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        delta_softplus, reverse = ctx.options
+        u, delta, A, B, C, D, z, delta_bias, ungated, states = ctx.saved_tensors
+        delta_softplus, reverse, tile = ctx.options
         batch, dim, length = u.shape
         state, num_tiles = A.shape[1], states.shape[2]
         num_blocks = triton.cdiv(dim, TRITON_BLOCK_D)
@@ -588,10 +593,10 @@ class TritonScan(torch.autograd.Function):
         dD = u.new_empty(batch, dim, dtype=torch.float32) if D is not None else None
         dB, dC = (u.new_zeros(batch, state, length, dtype=torch.float32) for _ in range(2))  # atomic sums
         _scan_backward_kernel[(batch, num_blocks)](
-            u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), states, dout.contiguous(),
+            u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), _or(ungated, A), states, dout.contiguous(),
             du, ddelta, _or(dz, du), dA, _or(dD, dA), dB, dC, dim, length, num_tiles,
             D is not None, z is not None, delta_bias is not None, delta_softplus, reverse,
-            state, TRITON_BLOCK_D, TRITON_TILE, num_warps=TRITON_WARPS)
+            state, TRITON_BLOCK_D, tile, num_warps=TRITON_WARPS)
         dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
         return (du, ddelta.to(delta.dtype), dA.sum(0), dB.to(B.dtype), dC.to(C.dtype),
                 dD.sum(0) if D is not None else None, dz, dbias, None, None, None)

@@ -206,7 +206,7 @@ def test_input_errors_name_the_argument():
 @pytest.mark.parametrize("use_z,use_bias,softplus,reverse", OPTIONS)
 def test_triton_equals_definition(use_z, use_bias, softplus, reverse, monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    monkeypatch.setattr(scan, "TRITON_TILE", 8)  # 37 steps: five tiles, the last one partly filled
+    monkeypatch.setattr(scan, "TRITON_TILE_BYTES", 32)  # 8 fp32 steps: 37 steps are five tiles
     monkeypatch.setattr(scan, "TRITON_BLOCK_D", 4)  # 6 channels: a whole block and a part one
     monkeypatch.setattr(scan, "TRITON_FORWARD_BLOCK_D", 4)
     for length in (1, 37):
@@ -227,7 +227,7 @@ def test_triton_equals_definition(use_z, use_bias, softplus, reverse, monkeypatc
 
 @pytest.mark.skipif(scan.triton is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
 def test_triton_memory_is_bounded_by_a_tile(monkeypatch):
-    monkeypatch.setattr(scan, "TRITON_TILE", 8)
+    monkeypatch.setattr(scan, "TRITON_TILE_BYTES", 32)  # 8 fp32 steps
     monkeypatch.setattr(scan, "TRITON_BLOCK_D", 4)  # two blocks of the 8 channels
     batch, dim, length, state = 2, 8, 64, 4
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -242,7 +242,7 @@ def test_triton_memory_is_bounded_by_a_tile(monkeypatch):
 
 @pytest.mark.skipif(scan.triton is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
 def test_triton_keeps_checkpoints_only_for_a_backward(monkeypatch):
-    monkeypatch.setattr(scan, "TRITON_TILE", 8)
+    monkeypatch.setattr(scan, "TRITON_TILE_BYTES", 32)  # 8 fp32 steps
     batch, dim, length, state = 2, 16, 32, 16  # checkpoints (B, D, L/8, N): twice the bytes of u
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = {k: v.float().to(device).requires_grad_() for k, v in make_inputs(batch, dim, length, state).items()}
