@@ -292,7 +292,8 @@ def bench_model(args):
             mamba = time_block("mamba", tokens, batch, scan, args.repeats)
             results["blocks"].append(dict(scan=scan, tokens=tokens, batch=batch, attention=attention, mamba=mamba))
             ratio = f"{mamba / attention:.2f}" if attention and mamba else "-"
-            print(f"| {scan} | {tokens:,} ({batch}) | {attention or 'OOM'} | {mamba or 'OOM'} | {ratio} |", flush=True)
+            attention_ms, mamba_ms = (f"{ms:.2f}" if ms else "OOM" for ms in (attention, mamba))
+            print(f"| {scan} | {tokens:,} ({batch}) | {attention_ms} | {mamba_ms} | {ratio} |", flush=True)
     print("\n| model | input | tokens x batch | mixer | train step ms | peak GB | sampling fwd ms | images/s (250 steps) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:
