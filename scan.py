@@ -347,26 +347,23 @@ if triton is not None:
         return batch * dim * length + d[:, None] * length + t[None, :], valid
 
     @triton.jit
-    def _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, extra_ptr, batch, d, t, dim, length,
-                   HAS_EXTRA: tl.constexpr, N: tl.constexpr):
-        """A tile's inputs as stored: u, delta, extra (z or dy) (BLOCK_D, T) and B, C (N, T), zero
-        outside [0, L). The kernels ask for the next tile's before they work on this one, so the
+    def _load_rows(x_ptr, batch, d, t, dim, length, PRESENT: tl.constexpr):
+        """A (BLOCK_D, T) tile of a (B, D, L) tensor as stored, zero outside [0, L); 0.0 if the tensor
+        is absent. The kernels ask for the next tile's inputs before they work on this one, so the
         memory latency hides behind a tile of arithmetic instead of stalling every tile."""
-        n = tl.arange(0, N)
         offsets, valid = _tile_offsets(batch, d, t, dim, length)
-        u = tl.load(u_ptr + offsets, mask=valid, other=0.0)
-        delta = tl.load(delta_ptr + offsets, mask=valid, other=0.0)
-        extra = tl.load(extra_ptr + offsets, mask=valid, other=0.0) if HAS_EXTRA else u
-        state_offsets = batch * N * length + n[:, None] * length + t[None, :]
-        state_valid = (t[None, :] >= 0) & (t[None, :] < length)
-        B = tl.load(B_ptr + state_offsets, mask=state_valid, other=0.0)
-        C = tl.load(C_ptr + state_offsets, mask=state_valid, other=0.0)
-        return u, delta, B, C, extra
+        return tl.load(x_ptr + offsets, mask=valid, other=0.0) if PRESENT else 0.0
 
     @triton.jit
-    def _load_z(z_ptr, batch, d, t, dim, length, HAS_Z: tl.constexpr):
-        offsets, valid = _tile_offsets(batch, d, t, dim, length)
-        return tl.load(z_ptr + offsets, mask=valid, other=0.0) if HAS_Z else 0.0
+    def _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, t, dim, length, N: tl.constexpr):
+        """A tile's u, delta (BLOCK_D, T) and B, C (N, T) as stored, zero outside [0, L)."""
+        n = tl.arange(0, N)
+        state_offsets = batch * N * length + n[:, None] * length + t[None, :]
+        state_valid = (t[None, :] >= 0) & (t[None, :] < length)
+        return (_load_rows(u_ptr, batch, d, t, dim, length, True),
+                _load_rows(delta_ptr, batch, d, t, dim, length, True),
+                tl.load(B_ptr + state_offsets, mask=state_valid, other=0.0),
+                tl.load(C_ptr + state_offsets, mask=state_valid, other=0.0))
 
     @triton.jit
     def _load_checkpoint(states_ptr, batch, d, tile, dim, num_tiles, N: tl.constexpr):
@@ -424,14 +421,17 @@ if triton is not None:
         h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
         step = -1 if REVERSE else 1
         tile = num_tiles - 1 if REVERSE else 0
-        u_next, delta_next, B_next, C_next, z_next = _load_tile(
-            u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, batch, d, tile * T + steps, dim, length, HAS_Z, N)
+        t = tile * T + steps
+        u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, t, dim, length, N)
+        z_next = _load_rows(z_ptr, batch, d, t, dim, length, HAS_Z)
         for i in range(num_tiles):
             tile = num_tiles - 1 - i if REVERSE else i
             t = tile * T + steps
             u, delta_raw, B, C, z = u_next, delta_next, B_next, C_next, z_next
-            u_next, delta_next, B_next, C_next, z_next = _load_tile(    # the next tile's, early
-                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, batch, d, t + step * T, dim, length, HAS_Z, N)
+            ahead = t + step * T                                                # the next tile's, early
+            u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, ahead,
+                                                            dim, length, N)
+            z_next = _load_rows(z_ptr, batch, d, ahead, dim, length, HAS_Z)
             offsets, valid = _tile_offsets(batch, d, t, dim, length)
             u, delta_raw, delta, B, C = _prepare(u, delta_raw, B, C, bias, valid, HAS_BIAS, SOFTPLUS)
             state_offsets = ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :]
@@ -478,19 +478,22 @@ if triton is not None:
         dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
         step = 1 if REVERSE else -1
         tile = 0 if REVERSE else num_tiles - 1
-        u_next, delta_next, B_next, C_next, dy_next = _load_tile(
-            u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, batch, d, tile * T + steps, dim, length, True, N)
-        z_next = _load_z(z_ptr, batch, d, tile * T + steps, dim, length, HAS_Z)
-        y_next = _load_z(ungated_ptr, batch, d, tile * T + steps, dim, length, HAS_Z)
+        t = tile * T + steps
+        u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, t, dim, length, N)
+        dy_next = _load_rows(dout_ptr, batch, d, t, dim, length, True)
+        z_next = _load_rows(z_ptr, batch, d, t, dim, length, HAS_Z)
+        y_next = _load_rows(ungated_ptr, batch, d, t, dim, length, HAS_Z)  # y before the gate
         h_next = _load_checkpoint(states_ptr, batch, d, tile, dim, num_tiles, N)
         for i in range(num_tiles):
             tile = i if REVERSE else num_tiles - 1 - i
             t = tile * T + steps
             u, delta_raw, B, C, dy, z, y, h = u_next, delta_next, B_next, C_next, dy_next, z_next, y_next, h_next
-            u_next, delta_next, B_next, C_next, dy_next = _load_tile(    # the next tile's, early
-                u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, batch, d, t + step * T, dim, length, True, N)
-            z_next = _load_z(z_ptr, batch, d, t + step * T, dim, length, HAS_Z)
-            y_next = _load_z(ungated_ptr, batch, d, t + step * T, dim, length, HAS_Z)
+            ahead = t + step * T                                                # the next tile's, early
+            u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, ahead,
+                                                            dim, length, N)
+            dy_next = _load_rows(dout_ptr, batch, d, ahead, dim, length, True)
+            z_next = _load_rows(z_ptr, batch, d, ahead, dim, length, HAS_Z)
+            y_next = _load_rows(ungated_ptr, batch, d, ahead, dim, length, HAS_Z)
             h_next = _load_checkpoint(states_ptr, batch, d, tile + step, dim, num_tiles, N)
             offsets, valid = _tile_offsets(batch, d, t, dim, length)
             u, delta_raw, delta, B, C = _prepare(u, delta_raw, B, C, bias, valid, HAS_BIAS, SOFTPLUS)
