@@ -408,9 +408,9 @@ if triton is not None:
                              N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
         # The recurrence as written, one step after another, with the state (BLOCK_D, N) in registers:
         # a step costs one exp2 and two multiply-adds per (channel, state). The inputs of T steps are
-        # loaded at once, coalesced, and each step picks its column out of the registers, so memory
-        # latency is paid once a tile, not once a step. The state entering each tile is stored: the
-        # backward's checkpoints.
+        # loaded at once, coalesced, a tile ahead, and each step picks its column out of the registers,
+        # so memory latency hides behind a tile of work. For a backward, the state entering each tile
+        # (the checkpoints) and y before the gate are stored too.
         batch = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)                  # (BLOCK_D,)
         n = tl.arange(0, N)
