@@ -374,6 +374,16 @@ if triton is not None:
                        mask=inside, other=0.0)
 
     @triton.jit
+    def _load_gradient_inputs(dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, d, t, tile, dim, length, num_tiles,
+                              HAS_Z: tl.constexpr, N: tl.constexpr):
+        """What the backward reads besides _load_tile's: dy, z and y before the gate (BLOCK_D, T), and
+        the checkpoint entering the tile (BLOCK_D, N)."""
+        return (_load_rows(dout_ptr, batch, d, t, dim, length, True),
+                _load_rows(z_ptr, batch, d, t, dim, length, HAS_Z),
+                _load_rows(ungated_ptr, batch, d, t, dim, length, HAS_Z),
+                _load_checkpoint(states_ptr, batch, d, tile, dim, num_tiles, N))
+
+    @triton.jit
     def _prepare(u, delta_raw, B, C, bias, valid, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         """In fp32: u, delta before and after bias + softplus, B and C. delta is zero past the end:
         a = 1, b = 0 there, the identity step."""
@@ -419,16 +429,14 @@ if triton is not None:
         bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
         skip = tl.load(D_ptr + d, mask=d < dim, other=0.0) if HAS_D else 0.0
         h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-        step = -1 if REVERSE else 1
-        tile = num_tiles - 1 if REVERSE else 0
-        t = tile * T + steps
-        u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, t, dim, length, N)
-        z_next = _load_rows(z_ptr, batch, d, t, dim, length, HAS_Z)
+        ahead = (num_tiles - 1 if REVERSE else 0) * T + steps                  # the first tile's steps
+        u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, ahead, dim, length, N)
+        z_next = _load_rows(z_ptr, batch, d, ahead, dim, length, HAS_Z)
         for i in range(num_tiles):
             tile = num_tiles - 1 - i if REVERSE else i
             t = tile * T + steps
             u, delta_raw, B, C, z = u_next, delta_next, B_next, C_next, z_next
-            ahead = t + step * T                                                # the next tile's, early
+            ahead = t - T if REVERSE else t + T                                 # the next tile's, early
             u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, ahead,
                                                             dim, length, N)
             z_next = _load_rows(z_ptr, batch, d, ahead, dim, length, HAS_Z)
@@ -476,25 +484,21 @@ if triton is not None:
         message = tl.zeros((BLOCK_D, N), dtype=tl.float32)
         dA = tl.zeros((BLOCK_D, N), dtype=tl.float32)
         dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        step = 1 if REVERSE else -1
-        tile = 0 if REVERSE else num_tiles - 1
-        t = tile * T + steps
-        u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, t, dim, length, N)
-        dy_next = _load_rows(dout_ptr, batch, d, t, dim, length, True)
-        z_next = _load_rows(z_ptr, batch, d, t, dim, length, HAS_Z)
-        y_next = _load_rows(ungated_ptr, batch, d, t, dim, length, HAS_Z)  # y before the gate
-        h_next = _load_checkpoint(states_ptr, batch, d, tile, dim, num_tiles, N)
+        following = 0 if REVERSE else num_tiles - 1                              # the first tile
+        ahead = following * T + steps
+        u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, ahead, dim, length, N)
+        dy_next, z_next, y_next, h_next = _load_gradient_inputs(
+            dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, d, ahead, following, dim, length, num_tiles, HAS_Z, N)
         for i in range(num_tiles):
             tile = i if REVERSE else num_tiles - 1 - i
             t = tile * T + steps
             u, delta_raw, B, C, dy, z, y, h = u_next, delta_next, B_next, C_next, dy_next, z_next, y_next, h_next
-            ahead = t + step * T                                                # the next tile's, early
+            following = tile + 1 if REVERSE else tile - 1                        # the next tile's, early
+            ahead = t + T if REVERSE else t - T
             u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, ahead,
                                                             dim, length, N)
-            dy_next = _load_rows(dout_ptr, batch, d, ahead, dim, length, True)
-            z_next = _load_rows(z_ptr, batch, d, ahead, dim, length, HAS_Z)
-            y_next = _load_rows(ungated_ptr, batch, d, ahead, dim, length, HAS_Z)
-            h_next = _load_checkpoint(states_ptr, batch, d, tile + step, dim, num_tiles, N)
+            dy_next, z_next, y_next, h_next = _load_gradient_inputs(
+                dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, d, ahead, following, dim, length, num_tiles, HAS_Z, N)
             offsets, valid = _tile_offsets(batch, d, t, dim, length)
             u, delta_raw, delta, B, C = _prepare(u, delta_raw, B, C, bias, valid, HAS_BIAS, SOFTPLUS)
             delta_u = delta * u
