@@ -32,6 +32,7 @@ Inputs may be float32, bfloat16 or float16 (float64 for tests): the state and ev
 float32 (float64 stays float64) and the output has the dtype of `u`.
 """
 
+import functools
 import os
 
 import torch
@@ -261,6 +262,16 @@ def _backward_chunk(delta, u, B, C, dy, At, base, scale, entries, k_next):
     return g_B * delta, ddelta, dB, dC, dAt, k_prev
 
 
+def _autocast_off(method):
+    """Runs an autograd.Function's forward or backward with autocast turned off. Under bf16 autocast
+    the scan's matmuls would round its fp32 sums to bf16 (and fail to write them into fp32 buffers)."""
+    @functools.wraps(method)
+    def run(ctx, first, *rest):
+        with torch.autocast(first.device.type, enabled=False):
+            return method(ctx, first, *rest)
+    return run
+
+
 class ParallelScan(torch.autograd.Function):
     """y_t = <C_t, h_t> for h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, chunk by chunk.
 
@@ -276,6 +287,7 @@ class ParallelScan(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, u, delta, A, B, C, reverse):
         length = u.shape[-1]
         chunk = 1 << (min(CHUNK, length) - 1).bit_length()  # a power of two, no longer than needed
@@ -294,6 +306,7 @@ class ParallelScan(torch.autograd.Function):
         return y[:length].permute(1, 2, 0)                                   # (B, D, L)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dy):
         u, delta, At, B, C, entries = ctx.saved_tensors
         padded, chunk = u.shape[0], u.shape[0] // len(entries)

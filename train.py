@@ -34,6 +34,13 @@ from sample import generate, load_checkpoint, model_from_args, save_samples, to_
 ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must match to resume
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of steps, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="shapes")
@@ -64,9 +71,11 @@ def parse_args(argv=None):
     parser.add_argument("--grad-ckpt", action="store_true", help="recompute each block in the backward pass")
     parser.add_argument("--scan", choices=["auto", "parallel", "triton", "ref"], default="auto",
                         help="selective-scan backend of scan.py")
-    parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--ckpt-every", type=int, default=1000)
-    parser.add_argument("--sample-every", type=int, default=1000)
+    parser.add_argument("--log-every", type=positive_int, default=100)
+    parser.add_argument("--ckpt-every", type=positive_int, default=1000, help="steps between checkpoints "
+                        "(the last step always writes one)")
+    parser.add_argument("--sample-every", type=positive_int, default=1000, help="steps between EMA sample grids "
+                        "(the last step always draws one)")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--resume", default=None,
                         help="a checkpoint, a run folder (its newest checkpoint), or 'auto' (newest run "

@@ -76,6 +76,25 @@ def test_chunk_and_block_boundaries_do_not_matter(monkeypatch):
         torch.testing.assert_close(out, outputs[0], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["ref", "parallel", "triton"])
+def test_bf16_autocast_leaves_the_scan_in_fp32(backend):
+    """Training runs the model under bf16 autocast: the scan must neither break (fp32 buffers) nor
+    round its sums to bf16 there. On the CPU, autocast turns matmuls into bf16 as on a GPU."""
+    if backend == "triton" and scan.triton is None:
+        pytest.skip("Triton is not installed (it comes with CUDA builds of torch)")
+    inputs = {k: v.float() for k, v in make_inputs(2, 6, 37, 4).items()}
+    results = []
+    for enabled in (False, True):
+        x = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            y = selective_scan(**x, delta_softplus=True, backend=backend)
+            grads = torch.autograd.grad(y.sum(), list(x.values()))
+        results.append([y] + list(grads))
+    for name, a, b in zip(["y"] + list(inputs), *results):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def loop_states(a, b, h0, reverse):
     """The states before and after each step of h_t = a_t h_{t-1} + b_t, in natural time order."""
     h, before, after = h0, [None] * len(a), [None] * len(a)

@@ -165,6 +165,19 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         sample.main(sample.parse_args(["--ckpt", str(tmp_path / "missing.pt")]))
 
 
+def test_every_flag_wants_a_positive_number_of_steps(capsys):
+    for flag in ("--log-every", "--ckpt-every", "--sample-every"):
+        with pytest.raises(SystemExit):
+            train.parse_args([flag, "0"])
+        assert f"argument {flag}: must be a positive number of steps, got 0" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path):
+    """--precision bf16 runs the whole step under autocast, the scan included (in fp32 inside)."""
+    out = run(tmp_path, "--max-steps", "2", "--log-every", "1", "--precision", "bf16", "--scan", "parallel")
+    assert out["step"] == 2 and all(math.isfinite(float(x)) for x in log_losses(out["run_dir"]))
+
+
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     real = train.Diffusion.training_losses
     calls = []
