@@ -19,6 +19,7 @@ from PIL import Image
 from data import SHAPE_CLASSES, UserError, decode, judge, load_vae, require
 from diffusion import Diffusion, guided
 from dim import build_model
+from scan import triton_available
 
 
 def load_checkpoint(path):
@@ -32,6 +33,13 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not {"model", "ema", "args", "step"} <= set(ckpt):
         raise UserError(f"{path} is not a DiM checkpoint (expected the keys model, ema, opt, args, step)")
     return ckpt
+
+
+def check_scan_backend(backend, device):
+    """A scan backend that cannot run on this device, asked for by name, is the user's to change."""
+    if backend == "triton" and not triton_available(torch.device(device)):
+        raise UserError(f"--scan triton needs a CUDA GPU and Triton (this is {device}); "
+                        "--scan auto takes the fastest scan that runs here")
 
 
 def model_from_args(args, info):
@@ -126,13 +134,16 @@ def parse_args(argv=None):
     parser.add_argument("--vae", default=None, help="latent models: the VAE that decodes samples (default: the "
                         "one recorded with the data set; ema, mse, or a local folder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--scan", choices=["auto", "parallel", "triton", "ref"], default="auto",
+                        help="selective-scan backend to sample with (the one trained with need not run here)")
     return parser.parse_args(argv)
 
 
 def main(args):
     ckpt = load_checkpoint(args.ckpt)
     train_args, info = ckpt["args"], ckpt["data_info"]
-    model = model_from_args(train_args, info)
+    check_scan_backend(args.scan, args.device)
+    model = model_from_args(dict(train_args, scan=args.scan), info)
     model.load_state_dict(ckpt["model" if args.no_ema else "ema"])
     model.to(args.device).eval()
     num_classes = info["num_classes"]

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from data import DATASETS, UserError, make_dataset
 from diffusion import Diffusion
 from dim import PRESETS
-from sample import generate, load_checkpoint, model_from_args, save_samples, to_pixels
+from sample import check_scan_backend, generate, load_checkpoint, model_from_args, save_samples, to_pixels
 
 ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must match to resume
 
@@ -208,6 +208,7 @@ def train(args, rank, world, local_rank):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    check_scan_backend(args.scan, device)
     if args.global_batch_size % world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks")
     local_batch = args.global_batch_size // world

@@ -165,6 +165,22 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         sample.main(sample.parse_args(["--ckpt", str(tmp_path / "missing.pt")]))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="about a machine without CUDA")
+def test_scan_backend_is_checked_and_not_pinned_by_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU, without Triton's interpreter
+    with pytest.raises(UserError, match="--scan triton needs a CUDA GPU and Triton .this is cpu."):
+        run(tmp_path, "--max-steps", "1", "--scan", "triton")
+    # a checkpoint trained with the Triton scan on a GPU samples here, with the default --scan auto
+    ckpt = torch.load(run(tmp_path, "--max-steps", "1", "--sample-every", "100")["checkpoint"], weights_only=True)
+    ckpt["args"]["scan"] = "triton"
+    torch.save(ckpt, tmp_path / "gpu.pt")
+    flags = ["--ckpt", str(tmp_path / "gpu.pt"), "--num-sampling-steps", "2", "--num-samples", "2",
+             "--out", str(tmp_path / "grid.png")]
+    assert sample.main(sample.parse_args(flags))["samples"].shape == (2, 3, 16, 16)
+    with pytest.raises(UserError, match="--scan triton needs a CUDA GPU"):
+        sample.main(sample.parse_args(flags + ["--scan", "triton"]))
+
+
 def test_every_flag_wants_a_positive_number_of_steps(capsys):
     for flag in ("--log-every", "--ckpt-every", "--sample-every"):
         with pytest.raises(SystemExit):
