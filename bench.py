@@ -405,6 +405,9 @@ def main(argv=None):
     plotter.add_argument("--out", default="benchmarks.png")
     args = parser.parse_args(argv)
     if args.what == "model":
+        if not torch.cuda.is_available():
+            sys.exit("bench.py model times DiM against attention on a GPU, and torch sees none here "
+                     "(bench.py scan and bench.py sizes run on the CPU)")
         return bench_model(args)
     if args.what == "sizes":
         return size_table()

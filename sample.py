@@ -35,6 +35,19 @@ def load_checkpoint(path):
     return ckpt
 
 
+def positive_int(text):
+    """argparse type for counts (steps, samples, sizes): 0 or less is refused with the flag's name."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def check_device(device):
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA GPU that torch can use; try --device cpu")
+
+
 def check_scan_backend(backend, device):
     """A scan backend that cannot run on this device, asked for by name, is the user's to change."""
     if backend == "triton" and not triton_available(torch.device(device)):
@@ -121,11 +134,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    parser.add_argument("--num-sampling-steps", type=int, default=50, help="steps of the respaced process")
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=50,
+                        help="steps of the respaced process, at most the 1000 of training")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance; 1 = none")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="labels to sample (default: every class in turn, --num-samples in all)")
-    parser.add_argument("--num-samples", type=int, default=36)
+    parser.add_argument("--num-samples", type=positive_int, default=36)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--judge", action="store_true", help="shapes only: score samples against their labels")
@@ -142,7 +156,12 @@ def parse_args(argv=None):
 def main(args):
     ckpt = load_checkpoint(args.ckpt)
     train_args, info = ckpt["args"], ckpt["data_info"]
+    check_device(args.device)
     check_scan_backend(args.scan, args.device)
+    trained_steps = Diffusion().num_timesteps
+    if args.num_sampling_steps > trained_steps:
+        raise UserError(f"--num-sampling-steps {args.num_sampling_steps}: the model was trained on {trained_steps} "
+                        "steps, the most a sampler can take")
     model = model_from_args(dict(train_args, scan=args.scan), info)
     model.load_state_dict(ckpt["model" if args.no_ema else "ema"])
     model.to(args.device).eval()

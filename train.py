@@ -29,16 +29,10 @@ from tqdm.auto import tqdm
 from data import DATASETS, UserError, make_dataset
 from diffusion import Diffusion
 from dim import PRESETS
-from sample import check_scan_backend, generate, load_checkpoint, model_from_args, save_samples, to_pixels
+from sample import (check_scan_backend, generate, load_checkpoint, model_from_args, positive_int, save_samples,
+                    to_pixels)
 
 ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must match to resume
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number of steps, got {value}")
-    return value
 
 
 def parse_args(argv=None):
@@ -49,20 +43,20 @@ def parse_args(argv=None):
     parser.add_argument("--model", choices=list(PRESETS), default="DiM-Ti/2")
     parser.add_argument("--mixer", choices=["mamba", "attention"], default="mamba",
                         help="token mixer: mamba (DiM) or attention (the same model as DiT)")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="side of the images in pixels (default: shapes 16, folder 32, ucf101 64; "
                              "a latent cache knows its own)")
-    parser.add_argument("--num-frames", type=int, default=None, help="frames per clip; 1 for images (default: "
+    parser.add_argument("--num-frames", type=positive_int, default=None, help="frames per clip; 1 for images (default: "
                         "16 for ucf101, else 1)")
-    parser.add_argument("--frame-interval", type=int, default=3, help="ucf101: take every k-th frame")
+    parser.add_argument("--frame-interval", type=positive_int, default=3, help="ucf101: take every k-th frame")
     parser.add_argument("--split", default="all", help="ucf101: all, train1..3, test1..3")
-    parser.add_argument("--global-batch-size", type=int, default=32, help="summed over all ranks")
+    parser.add_argument("--global-batch-size", type=positive_int, default=32, help="summed over all ranks")
     parser.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (DiT: 1e-4 at batch 256)")
     parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
                         help="a cosine decay to zero at --max-steps, or constant (DiT's)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up of the learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--max-steps", type=int, default=1600, help="the default fits 10 minutes on 2 CPU cores")
+    parser.add_argument("--max-steps", type=positive_int, default=1600, help="the default fits 10 minutes on 2 CPU cores")
     parser.add_argument("--ema-decay", type=float, default=0.9999,
                         help="EMA decay, warmed up as min(decay, (1 + step) / (10 + step))")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns it off")

@@ -166,7 +166,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="about a machine without CUDA")
-def test_scan_backend_is_checked_and_not_pinned_by_the_checkpoint(tmp_path, monkeypatch):
+def test_device_and_scan_are_checked_and_not_pinned_by_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU, without Triton's interpreter
     with pytest.raises(UserError, match="--scan triton needs a CUDA GPU and Triton .this is cpu."):
         run(tmp_path, "--max-steps", "1", "--scan", "triton")
@@ -179,13 +179,22 @@ def test_scan_backend_is_checked_and_not_pinned_by_the_checkpoint(tmp_path, monk
     assert sample.main(sample.parse_args(flags))["samples"].shape == (2, 3, 16, 16)
     with pytest.raises(UserError, match="--scan triton needs a CUDA GPU"):
         sample.main(sample.parse_args(flags + ["--scan", "triton"]))
+    with pytest.raises(UserError, match="--device cuda: this machine has no CUDA GPU"):
+        sample.main(sample.parse_args(flags + ["--device", "cuda"]))
+    with pytest.raises(UserError, match="--num-sampling-steps 2000: the model was trained on 1000 steps"):
+        sample.main(sample.parse_args(flags + ["--num-sampling-steps", "2000"]))
 
 
-def test_every_flag_wants_a_positive_number_of_steps(capsys):
-    for flag in ("--log-every", "--ckpt-every", "--sample-every"):
+def test_counts_must_be_positive(capsys):
+    for flag in ("--log-every", "--ckpt-every", "--sample-every", "--global-batch-size", "--max-steps",
+                 "--image-size", "--num-frames"):
         with pytest.raises(SystemExit):
             train.parse_args([flag, "0"])
-        assert f"argument {flag}: must be a positive number of steps, got 0" in capsys.readouterr().err
+        assert f"argument {flag}: must be a positive integer, got 0" in capsys.readouterr().err
+    for flag in ("--num-samples", "--num-sampling-steps"):
+        with pytest.raises(SystemExit):
+            sample.parse_args(["--ckpt", "x.pt", flag, "-1"])
+        assert f"argument {flag}: must be a positive integer, got -1" in capsys.readouterr().err
 
 
 def test_bf16_autocast_trains_on_the_cpu(tmp_path):
