@@ -46,8 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="side of the images in pixels (default: shapes 16, folder 32, ucf101 64; "
                              "a latent cache knows its own)")
-    parser.add_argument("--num-frames", type=positive_int, default=None, help="frames per clip; 1 for images (default: "
-                        "16 for ucf101, else 1)")
+    parser.add_argument("--num-frames", type=positive_int, default=None,
+                        help="frames per clip; 1 for images (default: 16 for ucf101, else 1)")
     parser.add_argument("--frame-interval", type=positive_int, default=3, help="ucf101: take every k-th frame")
     parser.add_argument("--split", default="all", help="ucf101: all, train1..3, test1..3")
     parser.add_argument("--global-batch-size", type=positive_int, default=32, help="summed over all ranks")
@@ -56,7 +56,8 @@ def parse_args(argv=None):
                         help="a cosine decay to zero at --max-steps, or constant (DiT's)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up of the learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--max-steps", type=positive_int, default=1600, help="the default fits 10 minutes on 2 CPU cores")
+    parser.add_argument("--max-steps", type=positive_int, default=1600,
+                        help="the default fits 10 minutes on 2 CPU cores")
     parser.add_argument("--ema-decay", type=float, default=0.9999,
                         help="EMA decay, warmed up as min(decay, (1 + step) / (10 + step))")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns it off")

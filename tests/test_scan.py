@@ -82,11 +82,12 @@ def test_bf16_autocast_leaves_the_scan_in_fp32(backend):
     round its sums to bf16 there. On the CPU, autocast turns matmuls into bf16 as on a GPU."""
     if backend == "triton" and scan.triton is None:
         pytest.skip("Triton is not installed (it comes with CUDA builds of torch)")
-    inputs = {k: v.float() for k, v in make_inputs(2, 6, 37, 4).items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = {k: v.float().to(device) for k, v in make_inputs(2, 6, 37, 4).items()}
     results = []
     for enabled in (False, True):
         x = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=enabled):
             y = selective_scan(**x, delta_softplus=True, backend=backend)
             grads = torch.autograd.grad(y.sum(), list(x.values()))
         results.append([y] + list(grads))
