@@ -19,7 +19,7 @@ from PIL import Image
 from data import SHAPE_CLASSES, UserError, decode, judge, load_vae, require
 from diffusion import Diffusion, guided
 from dim import build_model
-from scan import triton_available
+from scan import BACKENDS, triton_available
 
 
 def load_checkpoint(path):
@@ -148,7 +148,7 @@ def parse_args(argv=None):
     parser.add_argument("--vae", default=None, help="latent models: the VAE that decodes samples (default: the "
                         "one recorded with the data set; ema, mse, or a local folder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--scan", choices=["auto", "parallel", "triton", "ref"], default="auto",
+    parser.add_argument("--scan", choices=BACKENDS, default="auto",
                         help="selective-scan backend to sample with (the one trained with need not run here)")
     return parser.parse_args(argv)
 

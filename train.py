@@ -31,6 +31,7 @@ from diffusion import Diffusion
 from dim import PRESETS
 from sample import (check_scan_backend, generate, load_checkpoint, model_from_args, positive_int, save_samples,
                     to_pixels)
+from scan import BACKENDS
 
 ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must match to resume
 
@@ -64,7 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="autocast precision (default: bf16 on GPUs, fp32 on the CPU)")
     parser.add_argument("--grad-ckpt", action="store_true", help="recompute each block in the backward pass")
-    parser.add_argument("--scan", choices=["auto", "parallel", "triton", "ref"], default="auto",
+    parser.add_argument("--scan", choices=BACKENDS, default="auto",
                         help="selective-scan backend of scan.py")
     parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--ckpt-every", type=positive_int, default=1000, help="steps between checkpoints "
