@@ -379,12 +379,16 @@ if triton is not None:
                 tl.load(C_ptr + state_offsets, mask=state_valid, other=0.0))
 
     @triton.jit
+    def _checkpoint_offsets(batch, d, tile, dim, num_tiles, N: tl.constexpr):
+        """Where the state entering `tile` lies in the checkpoints (B, D, num_tiles, N): (BLOCK_D, N)."""
+        n = tl.arange(0, N)
+        return ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :]
+
+    @triton.jit
     def _load_checkpoint(states_ptr, batch, d, tile, dim, num_tiles, N: tl.constexpr):
         """The state entering `tile` (BLOCK_D, N), zero for a tile outside [0, num_tiles)."""
-        n = tl.arange(0, N)
         inside = (d[:, None] < dim) & (tile >= 0) & (tile < num_tiles)
-        return tl.load(states_ptr + ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :],
-                       mask=inside, other=0.0)
+        return tl.load(states_ptr + _checkpoint_offsets(batch, d, tile, dim, num_tiles, N), mask=inside, other=0.0)
 
     @triton.jit
     def _load_gradient_inputs(dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, d, t, tile, dim, length, num_tiles,
@@ -455,9 +459,8 @@ if triton is not None:
             z_next = _load_rows(z_ptr, batch, d, ahead, dim, length, HAS_Z)
             offsets, valid = _tile_offsets(batch, d, t, dim, length)
             u, delta_raw, delta, B, C = _prepare(u, delta_raw, B, C, bias, valid, HAS_BIAS, SOFTPLUS)
-            state_offsets = ((batch * dim + d[:, None]) * num_tiles + tile) * N + n[None, :]
             if KEEP_STATES:  # the checkpoint, for the backward (not when no gradient is wanted)
-                tl.store(states_ptr + state_offsets, h, mask=d[:, None] < dim)
+                tl.store(states_ptr + _checkpoint_offsets(batch, d, tile, dim, num_tiles, N), h, mask=d[:, None] < dim)
             delta_u = delta * u
             y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
             for s in tl.static_range(T):
