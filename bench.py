@@ -13,6 +13,7 @@ yardstick it times `F.scaled_dot_product_attention` at the same B and L, width 1
 """
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -52,19 +53,25 @@ def timed(fn, repeats=20, warmup=3, gpu_only=False):
     return statistics.median(times)
 
 
-def _cycles_outlasting_launch(fn):
-    """GPU clock cycles of torch.cuda._sleep that outlast the host's launching of fn, twice over."""
+@functools.cache
+def _sleep_cycles_per_ms():
+    """How many cycles of torch.cuda._sleep make a millisecond on this GPU (measured once)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     torch.cuda._sleep(10**7)
     end.record()
     torch.cuda.synchronize()
-    cycles_per_ms = 10**7 / start.elapsed_time(end)
+    return 10**7 / start.elapsed_time(end)
+
+
+def _cycles_outlasting_launch(fn):
+    """GPU clock cycles of torch.cuda._sleep that outlast the host's launching of fn, twice over."""
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()  # queued, not waited for
     launch_ms = 1e3 * (time.perf_counter() - t0)
     torch.cuda.synchronize()
-    return int(cycles_per_ms * (2 * launch_ms + 1))
+    return int(_sleep_cycles_per_ms() * (2 * launch_ms + 1))
 
 
 def peak_memory_gb(fn):
