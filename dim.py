@@ -68,13 +68,23 @@ class DiMConfig:
 #                     The bidirectional Mamba mixer (Vim v2)                     #
 #################################################################################
 
+def batch_major(h, batch):
+    """(rows, N L) -> (N, rows, L), a view: the shape the scan takes, in the layout the mixer keeps."""
+    return h.view(h.shape[0], batch, -1).transpose(0, 1)
+
+
+def channel_major(x):
+    """(N, rows, L) -> (rows, N L): a view when x is stored channel-major, as the mixer keeps it."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
 class ScanBranch(nn.Module):
     """One direction of the mixer: conv -> SiLU -> x_proj -> (delta, B, C) -> selective scan -> gate."""
 
     def __init__(self, inner, d_state, d_conv, dt_rank):
         super().__init__()
         self.dt_rank, self.d_state = dt_rank, d_state
-        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner)  # depthwise; padded in forward
+        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner)  # depthwise; run as a conv2d in forward
         self.x_proj = nn.Linear(inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, inner)
         self.A_log = nn.Parameter(torch.empty(inner, d_state))
@@ -83,19 +93,23 @@ class ScanBranch(nn.Module):
         self.initialize_weights()
 
     def forward(self, x, z, reverse, backend):
-        """x, z: (N, E, L). reverse: scan and convolve from the last token to the first."""
-        weight, k = self.conv1d.weight, self.conv1d.kernel_size[0]
+        """x, z: (N, E, L), best stored channel-major as (E, N, L), the way BiMamba makes them: then every
+        step is one pass or one matrix product over all N L tokens, with no transposing copy (as in
+        mamba_ssm). reverse: scan and convolve from the last token to the first."""
+        batch, inner, length = x.shape
+        weight, k = self.conv1d.weight[:, :, None], self.conv1d.kernel_size[0]  # (E, 1, 1, k)
         if reverse:  # anti-causal: look k - 1 tokens ahead, the mirror image of the causal conv
-            x = F.conv1d(F.pad(x, (0, k - 1)), weight.flip(-1), self.conv1d.bias, groups=x.shape[1])
-        else:
-            x = F.conv1d(F.pad(x, (k - 1, 0)), weight, self.conv1d.bias, groups=x.shape[1])
-        x = F.silu(x)                                                        # (N, E, L)
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)                 # (N, E, L)
+            weight = weight.flip(-1)
+        # the depthwise conv over time of each sequence, with k - 1 zeros both sides: its first L
+        # outputs look k - 1 tokens back, its last L (kernel flipped) k - 1 ahead
+        x = F.conv2d(x.transpose(0, 1)[None], weight, self.conv1d.bias, padding=(0, k - 1), groups=inner)[0]
+        x = F.silu(x[..., k - 1:] if reverse else x[..., :length]).reshape(inner, -1)  # (E, N L)
+        dt, B, C = (self.x_proj.weight @ x).split([self.dt_rank, self.d_state, self.d_state])  # (R | S | S, N L)
+        delta = self.dt_proj.weight @ dt                                     # (E, N L)
         A = -torch.exp(self.A_log.float())                                   # (E, S)
-        return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
-                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                              reverse=reverse, backend=backend)              # (N, E, L)
+        x, delta, B, C = (batch_major(h, batch) for h in (x, delta, B, C))   # (N, rows, L) views
+        return selective_scan(x, delta, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
+                              delta_softplus=True, reverse=reverse, backend=backend)  # (N, E, L), stored (E, N, L)
 
     @torch.no_grad()
     def initialize_weights(self, dt_min=0.001, dt_max=0.1, dt_floor=1e-4):
@@ -122,12 +136,17 @@ class BiMamba(nn.Module):
         self.out_proj = nn.Linear(inner, width)
 
     def forward(self, x, backward_branch=True):
-        """x: (N, L, W) -> (N, L, W). backward_branch=False runs the forward direction only (tests)."""
-        x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)              # (N, E, L) each
+        """x: (N, L, W) -> (N, L, W). backward_branch=False runs the forward direction only (tests).
+        Inside, tensors are channel-major, (E, N L): in_proj writes that layout itself (W x^T), and
+        out_proj reads it as a transposed matrix, so the two layouts meet without a copy either way."""
+        batch, length, width = x.shape
+        tokens = x.reshape(batch * length, width)                            # (N L, W)
+        xz = torch.addmm(self.in_proj.bias[:, None], self.in_proj.weight, tokens.T)  # (2E, N L)
+        x, z = (batch_major(h, batch) for h in xz.chunk(2))                  # (N, E, L) views
         y = self.forward_branch(x, z, reverse=False, backend=self.backend)
         if backward_branch:
             y = (y + self.backward_branch(x, z, reverse=True, backend=self.backend)) / 2
-        return self.out_proj(y.transpose(1, 2))                             # (N, L, W)
+        return F.linear(channel_major(y).T, self.out_proj.weight, self.out_proj.bias).view(batch, length, width)
 
     def macs(self, tokens):
         """Multiply-adds for one sequence, the scan counted explicitly: 3 per state update (the

@@ -354,27 +354,27 @@ if triton is not None:
         return tl.where(x > 20.0, x, tl.where(x < -5.0, e * (1.0 - 0.5 * e), tl.log(1.0 + e)))
 
     @triton.jit
-    def _tile_offsets(batch, d, t, dim, length):
-        """Where a (BLOCK_D, T) tile of a (B, D, L) input lies, and which of its entries exist."""
+    def _tile_offsets(rows, d, t, dim, length):
+        """Where a (BLOCK_D, T) tile of a (B, D, L) tensor lies (rows: where each channel's row starts),
+        and which of its entries exist."""
         valid = (d[:, None] < dim) & (t[None, :] >= 0) & (t[None, :] < length)
-        return batch * dim * length + d[:, None] * length + t[None, :], valid
+        return rows[:, None] + t[None, :], valid
 
     @triton.jit
-    def _load_rows(x_ptr, batch, d, t, dim, length, PRESENT: tl.constexpr):
+    def _load_rows(x_ptr, rows, d, t, dim, length, PRESENT: tl.constexpr):
         """A (BLOCK_D, T) tile of a (B, D, L) tensor as stored, zero outside [0, L); 0.0 if the tensor
         is absent. The kernels ask for the next tile's inputs before they work on this one, so the
         memory latency hides behind a tile of arithmetic instead of stalling every tile."""
-        offsets, valid = _tile_offsets(batch, d, t, dim, length)
+        offsets, valid = _tile_offsets(rows, d, t, dim, length)
         return tl.load(x_ptr + offsets, mask=valid, other=0.0) if PRESENT else 0.0
 
     @triton.jit
-    def _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, t, dim, length, N: tl.constexpr):
+    def _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, rows, state_rows, d, t, dim, length):
         """A tile's u, delta (BLOCK_D, T) and B, C (N, T) as stored, zero outside [0, L)."""
-        n = tl.arange(0, N)
-        state_offsets = batch * N * length + n[:, None] * length + t[None, :]
+        state_offsets = state_rows[:, None] + t[None, :]
         state_valid = (t[None, :] >= 0) & (t[None, :] < length)
-        return (_load_rows(u_ptr, batch, d, t, dim, length, True),
-                _load_rows(delta_ptr, batch, d, t, dim, length, True),
+        return (_load_rows(u_ptr, rows, d, t, dim, length, True),
+                _load_rows(delta_ptr, rows, d, t, dim, length, True),
                 tl.load(B_ptr + state_offsets, mask=state_valid, other=0.0),
                 tl.load(C_ptr + state_offsets, mask=state_valid, other=0.0))
 
@@ -391,13 +391,13 @@ if triton is not None:
         return tl.load(states_ptr + _checkpoint_offsets(batch, d, tile, dim, num_tiles, N), mask=inside, other=0.0)
 
     @triton.jit
-    def _load_gradient_inputs(dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, d, t, tile, dim, length, num_tiles,
-                              HAS_Z: tl.constexpr, N: tl.constexpr):
+    def _load_gradient_inputs(dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, rows, d, t, tile, dim, length,
+                              num_tiles, HAS_Z: tl.constexpr, N: tl.constexpr):
         """What the backward reads besides _load_tile's: dy, z and y before the gate (BLOCK_D, T), and
         the checkpoint entering the tile (BLOCK_D, N)."""
-        return (_load_rows(dout_ptr, batch, d, t, dim, length, True),
-                _load_rows(z_ptr, batch, d, t, dim, length, HAS_Z),
-                _load_rows(ungated_ptr, batch, d, t, dim, length, HAS_Z),
+        return (_load_rows(dout_ptr, rows, d, t, dim, length, True),
+                _load_rows(z_ptr, rows, d, t, dim, length, HAS_Z),
+                _load_rows(ungated_ptr, rows, d, t, dim, length, HAS_Z),
                 _load_checkpoint(states_ptr, batch, d, tile, dim, num_tiles, N))
 
     @triton.jit
@@ -430,6 +430,7 @@ if triton is not None:
     @triton.jit
     def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                              y_ptr, ungated_ptr, states_ptr, dim, length, num_tiles,
+                             stride_batch, stride_dim, state_stride_batch, state_stride_n,
                              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                              SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, KEEP_STATES: tl.constexpr,
                              N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
@@ -442,22 +443,25 @@ if triton is not None:
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)                  # (BLOCK_D,)
         n = tl.arange(0, N)
         steps = tl.arange(0, T)
+        rows = batch * stride_batch + d * stride_dim                            # where each row starts
+        state_rows = batch * state_stride_batch + n * state_stride_n           # (N,), in B and C
         A_log2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0) * LOG2E
         bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
         skip = tl.load(D_ptr + d, mask=d < dim, other=0.0) if HAS_D else 0.0
         h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
         ahead = (num_tiles - 1 if REVERSE else 0) * T + steps                  # the first tile's steps
-        u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, ahead, dim, length, N)
-        z_next = _load_rows(z_ptr, batch, d, ahead, dim, length, HAS_Z)
+        u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, rows, state_rows, d, ahead,
+                                                        dim, length)
+        z_next = _load_rows(z_ptr, rows, d, ahead, dim, length, HAS_Z)
         for i in range(num_tiles):
             tile = num_tiles - 1 - i if REVERSE else i
             t = tile * T + steps
             u, delta_raw, B, C, z = u_next, delta_next, B_next, C_next, z_next
             ahead = t - T if REVERSE else t + T                                 # the next tile's, early
-            u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, ahead,
-                                                            dim, length, N)
-            z_next = _load_rows(z_ptr, batch, d, ahead, dim, length, HAS_Z)
-            offsets, valid = _tile_offsets(batch, d, t, dim, length)
+            u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, rows, state_rows, d,
+                                                            ahead, dim, length)
+            z_next = _load_rows(z_ptr, rows, d, ahead, dim, length, HAS_Z)
+            offsets, valid = _tile_offsets(rows, d, t, dim, length)
             u, delta_raw, delta, B, C = _prepare(u, delta_raw, B, C, bias, valid, HAS_BIAS, SOFTPLUS)
             if KEEP_STATES:  # the checkpoint, for the backward (not when no gradient is wanted)
                 tl.store(states_ptr + _checkpoint_offsets(batch, d, tile, dim, num_tiles, N), h, mask=d[:, None] < dim)
@@ -480,6 +484,7 @@ if triton is not None:
     def _scan_backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                               ungated_ptr, states_ptr, dout_ptr,
                               du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr, dim, length, num_tiles,
+                              stride_batch, stride_dim, state_stride_batch, state_stride_n,
                               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                               SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
                               N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
@@ -493,6 +498,8 @@ if triton is not None:
         d = block * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N)
         steps = tl.arange(0, T)
+        rows = batch * stride_batch + d * stride_dim
+        state_rows = batch * state_stride_batch + n * state_stride_n
         A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0)
         A_log2 = A * LOG2E
         bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
@@ -502,20 +509,22 @@ if triton is not None:
         dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
         following = 0 if REVERSE else num_tiles - 1                              # the first tile
         ahead = following * T + steps
-        u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, ahead, dim, length, N)
+        u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, rows, state_rows, d, ahead,
+                                                        dim, length)
         dy_next, z_next, y_next, h_next = _load_gradient_inputs(
-            dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, d, ahead, following, dim, length, num_tiles, HAS_Z, N)
+            dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, rows, d, ahead, following, dim, length, num_tiles, HAS_Z, N)
         for i in range(num_tiles):
             tile = i if REVERSE else num_tiles - 1 - i
             t = tile * T + steps
             u, delta_raw, B, C, dy, z, y, h = u_next, delta_next, B_next, C_next, dy_next, z_next, y_next, h_next
             following = tile + 1 if REVERSE else tile - 1                        # the next tile's, early
             ahead = t + T if REVERSE else t - T
-            u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, batch, d, ahead,
-                                                            dim, length, N)
+            u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, rows, state_rows, d,
+                                                            ahead, dim, length)
             dy_next, z_next, y_next, h_next = _load_gradient_inputs(
-                dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, d, ahead, following, dim, length, num_tiles, HAS_Z, N)
-            offsets, valid = _tile_offsets(batch, d, t, dim, length)
+                dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, rows, d, ahead, following, dim, length, num_tiles,
+                HAS_Z, N)
+            offsets, valid = _tile_offsets(rows, d, t, dim, length)
             u, delta_raw, delta, B, C = _prepare(u, delta_raw, B, C, bias, valid, HAS_BIAS, SOFTPLUS)
             delta_u = delta * u
             dy = dy.to(tl.float32)
@@ -560,7 +569,7 @@ if triton is not None:
             # atomics (as mamba_ssm does): no per-block partial sums in memory, but the order of the
             # additions, and so the last bits of dB and dC, vary from run to run. Relaxed: only the sum
             # matters, so no memory barrier around them (with one, the backward took 20% longer).
-            state_offsets = (batch * N + n[:, None]) * length + t[None, :]
+            state_offsets = state_rows[:, None] + t[None, :]                    # dB, dC are laid out like B
             tl.atomic_add(dC_ptr + state_offsets, dC, mask=t[None, :] < length, sem="relaxed")
             tl.atomic_add(dB_ptr + state_offsets, dB, mask=t[None, :] < length, sem="relaxed")
         tl.store(dA_ptr + (batch * dim + d[:, None]) * N + n[None, :], dA, mask=d[:, None] < dim)
@@ -582,21 +591,26 @@ class TritonScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, wants_grad):
-        u, delta, B, C = (x.contiguous() for x in (u, delta, B, C))
-        z = z.contiguous() if z is not None else None
+        # The kernels take any layout whose steps are contiguous, one for u, delta, z, y (and their
+        # gradients), one for B and C: (B, D, L) as mamba_ssm stores them, or channel-major as DiM's mixer
+        # does, with no copy. Anything else is copied into such a layout first.
+        y = _kernel_layout(u)
+        u, delta, z = (_in_layout(x, y) for x in (u, delta, z))
+        B = _in_layout(B, _kernel_layout(B))
+        C = _in_layout(C, B)
         A, D, delta_bias = A.float().contiguous(), _float_or_none(D), _float_or_none(delta_bias)
         batch, dim, length = u.shape
         state = A.shape[1]
         tile = TRITON_TILE_BYTES // u.element_size()  # steps; at 16 fp32 steps Triton lays the tiles out worse
         num_tiles = triton.cdiv(length, tile)
-        y = torch.empty_like(u)
         # the checkpoints (B, D, L/T, N) in fp32 (u's size in fp32 at T = N = 16), only for a backward
         states = u.new_empty(batch, dim, num_tiles, state, dtype=torch.float32) if wants_grad else None
         # y before the gate, in fp32, for dz (recomputing it costs the backward a sum over N each step)
         ungated = torch.empty_like(u, dtype=torch.float32) if wants_grad and z is not None else None
         grid = (batch, triton.cdiv(dim, TRITON_FORWARD_BLOCK_D))
         _scan_forward_kernel[grid](u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), y, _or(ungated, A),
-                                   _or(states, A), dim, length, num_tiles, D is not None, z is not None,
+                                   _or(states, A), dim, length, num_tiles, *y.stride()[:2], *B.stride()[:2],
+                                   D is not None, z is not None,
                                    delta_bias is not None, delta_softplus, reverse, wants_grad, state,
                                    TRITON_FORWARD_BLOCK_D, tile, num_warps=TRITON_FORWARD_WARPS)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ungated, states)
@@ -610,19 +624,34 @@ class TritonScan(torch.autograd.Function):
         batch, dim, length = u.shape
         state, num_tiles = A.shape[1], states.shape[2]
         num_blocks = triton.cdiv(dim, TRITON_BLOCK_D)
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta, dtype=torch.float32)
+        dout = _in_layout(dout, u)
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta, dtype=torch.float32)  # laid out like u
         dz = torch.empty_like(z) if z is not None else None
         dA = u.new_empty(batch, dim, state, dtype=torch.float32)
         dD = u.new_empty(batch, dim, dtype=torch.float32) if D is not None else None
-        dB, dC = (u.new_zeros(batch, state, length, dtype=torch.float32) for _ in range(2))  # atomic sums
+        dB, dC = (torch.zeros_like(B, dtype=torch.float32) for _ in range(2))  # atomic sums, laid out like B
         _scan_backward_kernel[(batch, num_blocks)](
-            u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), _or(ungated, A), states, dout.contiguous(),
-            du, ddelta, _or(dz, du), dA, _or(dD, dA), dB, dC, dim, length, num_tiles,
+            u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), _or(ungated, A), states, dout,
+            du, ddelta, _or(dz, du), dA, _or(dD, dA), dB, dC, dim, length, num_tiles, *u.stride()[:2], *B.stride()[:2],
             D is not None, z is not None, delta_bias is not None, delta_softplus, reverse,
             state, TRITON_BLOCK_D, tile, num_warps=TRITON_WARPS)
         dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
         return (du, ddelta.to(delta.dtype), dA.sum(0), dB.to(B.dtype), dC.to(C.dtype),
                 dD.sum(0) if D is not None else None, dz, dbias, None, None, None)
+
+
+def _kernel_layout(x):
+    """An empty tensor like x in a layout the kernels take: x's own where its steps (the last axis) are
+    contiguous and it has no gaps (empty_like keeps such strides), else contiguous."""
+    out = torch.empty_like(x)
+    return out if out.stride(-1) == 1 else torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _in_layout(x, layout):
+    """x with the strides of `layout` (a copy only where they differ; axes of size 1 have no stride)."""
+    if x is None or all(a == b for a, b, n in zip(x.stride(), layout.stride(), x.shape) if n > 1):
+        return x
+    return torch.empty_like(layout, dtype=x.dtype).copy_(x)
 
 
 def _float_or_none(x):

@@ -246,6 +246,31 @@ def test_triton_equals_definition(use_z, use_bias, softplus, reverse, monkeypatc
 
 
 @pytest.mark.skipif(scan.triton is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
+def test_triton_takes_channel_major_layouts_as_they_are(monkeypatch):
+    # DiM's mixer keeps its tensors channel-major, (D, B, L) and (N, B, L) in memory: the kernels read
+    # them, and write y and the gradients, in that layout, and give what they give for (B, D, L).
+    monkeypatch.setattr(scan, "TRITON_TILE_BYTES", 32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = {k: v.float().to(device) for k, v in make_inputs(3, 5, 19, 4, seed=7).items()}
+    plain = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    channel_major = {k: (v.transpose(0, 1).contiguous().transpose(0, 1) if v.dim() == 3 else v.clone()).requires_grad_()
+                     for k, v in inputs.items()}
+    gapped_z = torch.cat([inputs["z"], inputs["z"]], dim=1)[:, 5:].requires_grad_()  # batch stride 2 D L: copied
+    channel_major["z"] = gapped_z
+    dy = torch.randn(3, 5, 19, device=device)
+    results = []
+    for x in (plain, channel_major):
+        y = selective_scan(**x, delta_softplus=True, backend="triton")
+        results.append((y, torch.autograd.grad(y, list(x.values()), dy)))
+    (y, grads), (y_cm, grads_cm) = results
+    assert torch.equal(y, y_cm) and y_cm.stride() == channel_major["u"].stride()
+    for name, a, b, x in zip(inputs, grads, grads_cm, channel_major.values()):  # delta_bias: a sum over (B, L)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"gradient of {name}")
+        if x is not gapped_z:
+            assert b.stride() == x.stride(), f"gradient of {name} laid out as {b.stride()}, not {x.stride()}"
+
+
+@pytest.mark.skipif(scan.triton is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
 def test_triton_memory_is_bounded_by_a_tile(monkeypatch):
     monkeypatch.setattr(scan, "TRITON_TILE_BYTES", 32)  # 8 fp32 steps
     monkeypatch.setattr(scan, "TRITON_BLOCK_D", 4)  # two blocks of the 8 channels
