@@ -512,7 +512,8 @@ if triton is not None:
         u_next, delta_next, B_next, C_next = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, rows, state_rows, d, ahead,
                                                         dim, length)
         dy_next, z_next, y_next, h_next = _load_gradient_inputs(
-            dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, rows, d, ahead, following, dim, length, num_tiles, HAS_Z, N)
+            dout_ptr, z_ptr, ungated_ptr, states_ptr, batch, rows, d, ahead, following, dim, length, num_tiles,
+            HAS_Z, N)
         for i in range(num_tiles):
             tile = i if REVERSE else num_tiles - 1 - i
             t = tile * T + steps
