@@ -262,7 +262,7 @@ def time_training(name, mixer, latent, frames, batch, scan, repeats):
             model = build_model(name, input_size=latent, in_channels=4, num_classes=1000, num_frames=frames,
                                 mixer=mixer, scan_backend=scan, grad_ckpt=grad_ckpt).cuda()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            diffusion = Diffusion()
+            diffusion = Diffusion().to("cuda")
             shape = (batch,) + ((frames,) if frames > 1 else ()) + (4, latent, latent)
             x, y = torch.randn(shape, device="cuda"), torch.randint(0, 1000, (batch,), device="cuda")
             t = torch.randint(0, 1000, (batch,), device="cuda")

@@ -70,6 +70,20 @@ class Diffusion:
         self.posterior_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = self.betas * torch.sqrt(self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * torch.sqrt(alphas) / (1 - self.alphas_cumprod)
+        self.log_betas = torch.log(self.betas)
+        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = torch.rsqrt(self.alphas_cumprod)             # x_0 from x_t ...
+        self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1 / self.alphas_cumprod - 1)   # ... and eps
+
+    def to(self, device):
+        """Moves every table to `device` (in place, like nn.Module.to) and returns self. Tables left on
+        the host cost a copy at every lookup, and a copy from pageable host memory waits for the GPU,
+        so the host could not queue a training step ahead of the GPU."""
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                setattr(self, name, value.to(device))
+        return self
 
     def respaced(self, num_steps):
         """The same process on num_steps evenly spaced steps of this one (DiT's timestep respacing):
@@ -77,15 +91,16 @@ class Diffusion:
         if not 1 <= num_steps <= self.num_timesteps:
             raise ValueError(f"num_steps must be in [1, {self.num_timesteps}], got {num_steps}")
         kept = np.unique(np.round(np.linspace(0, self.num_timesteps - 1, num_steps)).astype(np.int64))
-        alphas_cumprod = self.alphas_cumprod.numpy()[kept]
+        alphas_cumprod = self.alphas_cumprod.cpu().numpy()[kept]
         betas = 1 - alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
-        return Diffusion(learn_sigma=self.learn_sigma, betas=betas, timestep_map=self.timestep_map[kept])
+        respaced = Diffusion(learn_sigma=self.learn_sigma, betas=betas, timestep_map=self.timestep_map.cpu()[kept])
+        return respaced.to(self.betas.device)
 
     # ----------------------------------------------------------------- the forward process q
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""
-        return _at(self.alphas_cumprod.sqrt(), t, x0) * x0 + _at((1 - self.alphas_cumprod).sqrt(), t, x0) * noise
+        return _at(self.sqrt_alphas_cumprod, t, x0) * x0 + _at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def q_posterior(self, x0, xt, t):
         """Mean, variance and log variance of q(x_{t-1} | x_t, x_0)."""
@@ -99,7 +114,7 @@ class Diffusion:
         clip_x0 clamps the predicted x_0 to [-1, 1], as ADM does for pixels (DiT, on latents, does not)."""
         if self.learn_sigma:
             eps, v = model_output.chunk(2, dim=-3)
-            low, high = _at(self.posterior_log_variance, t, xt), _at(torch.log(self.betas), t, xt)
+            low, high = _at(self.posterior_log_variance, t, xt), _at(self.log_betas, t, xt)
             fraction = (v + 1) / 2                                      # v in [-1, 1] -> [0, 1]
             log_variance = fraction * high + (1 - fraction) * low
         else:  # fixed small variance, beta~_t
@@ -111,7 +126,7 @@ class Diffusion:
         return mean, log_variance, x0, eps
 
     def predict_x0(self, xt, t, eps):
-        return _at(torch.rsqrt(self.alphas_cumprod), t, xt) * xt - _at(torch.sqrt(1 / self.alphas_cumprod - 1), t, xt) * eps
+        return _at(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _at(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
 
     def training_losses(self, model_fn, x0, t, noise=None):
         """Per-sample losses at timesteps t: dict(loss, mse, vb); vb is zero without learn_sigma."""
@@ -160,7 +175,7 @@ class Diffusion:
         for i in self._steps(progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             _, _, x0, _ = self.p_mean_variance(model_fn(x, self.timestep_map.to(x.device)[t]), x, t, clip_x0)
-            eps = (_at(torch.rsqrt(self.alphas_cumprod), t, x) * x - x0) / _at(torch.sqrt(1 / self.alphas_cumprod - 1), t, x)
+            eps = (_at(self.sqrt_recip_alphas_cumprod, t, x) * x - x0) / _at(self.sqrt_recipm1_alphas_cumprod, t, x)
             alpha_bar, alpha_bar_prev = _at(self.alphas_cumprod, t, x), _at(self.alphas_cumprod_prev, t, x)
             sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
             x = x0 * alpha_bar_prev.sqrt() + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps

@@ -324,7 +324,9 @@ class DiM(nn.Module):
         if x.shape[-3] != cfg.in_channels or x.shape[-2:] != (cfg.input_size, cfg.input_size):
             raise ValueError(f"the model was built for {cfg.in_channels} x {cfg.input_size} x "
                              f"{cfg.input_size} inputs, got {tuple(x.shape[-3:])}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
+        # Labels are checked where they live on the host. Reading GPU labels back would make the host wait
+        # for the GPU at every forward; train.py and sample.py make theirs valid on the host.
+        if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
             raise ValueError(f"class labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} "
                              f"is the null class), got values in [{int(y.min())}, {int(y.max())}]")
 

@@ -72,17 +72,15 @@ def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0,
         (cfg.in_channels, cfg.input_size, cfg.input_size)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(shape, generator=generator).to(device)
-    diffusion = Diffusion(learn_sigma=cfg.learn_sigma).respaced(num_steps)
+    diffusion = Diffusion(learn_sigma=cfg.learn_sigma).respaced(num_steps).to(device)
     model_fn = guided(model, labels.to(device), cfg_scale, null_class=cfg.num_classes)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # the DDPM noise, without disturbing the caller's random stream
-    try:
+    # the DDPM noise from `seed`, without disturbing the caller's random streams (a training run's)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
         run = diffusion.ddpm_sample if sampler == "ddpm" else diffusion.ddim_sample
         clip_x0 = cfg.in_channels == 3 if clip_x0 is None else clip_x0
         samples = run(model_fn, noise, progress=progress, clip_x0=clip_x0)
         return samples.clamp(-1, 1) if cfg.in_channels == 3 else samples
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def to_pixels(samples, info, vae=None):

@@ -7,7 +7,8 @@
 
 DiT's recipe (AdamW, no weight decay, EMA of the weights, label dropout for classifier-free
 guidance, the hybrid loss of diffusion.py), with what small-GPU work needs: bf16 autocast, gradient
-clipping and checkpointing, exact resume, periodic EMA samples, a progress bar. The learning rate
+clipping and checkpointing, exact resume, periodic EMA samples, a progress bar, and --cuda-graphs for
+small models on fast GPUs, whose steps otherwise wait on the host's kernel launches. The learning rate
 decays on a cosine to zero at --max-steps (a short run ends better); --lr-schedule constant is DiT's.
 A run lives in results/NNN-<model>-<dataset>/ with log.txt, checkpoints/NNNNNNN.pt and samples/.
 """
@@ -65,6 +66,8 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="autocast precision (default: bf16 on GPUs, fp32 on the CPU)")
     parser.add_argument("--grad-ckpt", action="store_true", help="recompute each block in the backward pass")
+    parser.add_argument("--cuda-graphs", action="store_true", help="record the model's forward and backward once "
+                        "and replay them every step (one GPU): small models on fast GPUs wait on the host otherwise")
     parser.add_argument("--scan", choices=BACKENDS, default="auto",
                         help="selective-scan backend of scan.py")
     parser.add_argument("--log-every", type=positive_int, default=100)
@@ -178,10 +181,39 @@ def learning_rate(args, step):
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def graphed(model, batch, autocast):
+    """The model with its forward and backward recorded as CUDA graphs and replayed at each call
+    (torch.cuda.make_graphed_callables): a step then launches two graphs instead of thousands of kernels.
+    Every call must pass `batch` items. Recording runs the model a few times on stand-in inputs; the
+    random state is put back afterwards, so a resumed run draws what an uninterrupted one does."""
+    cfg, device = model.cfg, next(model.parameters()).device
+    frames = (cfg.num_frames,) if cfg.num_frames > 1 else ()
+    rng = torch.cuda.get_rng_state(device)
+    x = torch.randn(batch, *frames, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    t, y = (torch.zeros(batch, dtype=torch.long, device=device) for _ in range(2))
+    with autocast:
+        model = torch.cuda.make_graphed_callables(model, (x, t, y))
+    torch.cuda.set_rng_state(rng, device)
+    return model
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach().float(), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model, every parameter at once (a few fused kernels on a GPU)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def stop_if_not_finite(losses, step, good_checkpoint):
+    """Stops the run at the first non-finite loss among the last len(losses) steps. Checked before each
+    log line, sample grid and checkpoint rather than every step: reading a loss back makes the host
+    wait for the GPU, which would keep it from queueing the next step while the GPU runs this one."""
+    finite = torch.isfinite(torch.stack(losses))                                 # (steps,)
+    if not finite.all():
+        first = int((~finite).nonzero()[0])
+        message = f"the loss is {losses[first].item()} at step {step - len(losses) + first + 1}: stopping."
+        if good_checkpoint:
+            message += f" The last good checkpoint is intact: {good_checkpoint}"
+        raise UserError(message + " Try a lower --lr, --grad-clip, or --precision fp32.")
 
 
 def main(args):
@@ -208,6 +240,11 @@ def train(args, rank, world, local_rank):
     if args.global_batch_size % world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks")
     local_batch = args.global_batch_size // world
+    if args.cuda_graphs:
+        why = ("needs a CUDA GPU" if device.type != "cuda" else "runs on one GPU, not under torchrun" if world > 1
+               else "cannot be used with --grad-ckpt" if args.grad_ckpt else None)
+        if why:
+            raise UserError(f"--cuda-graphs {why}")
 
     # --- checks that need no work, then the data and the model --------------------------------
     resume_path = find_resume(args) if args.resume else None
@@ -230,7 +267,7 @@ def train(args, rank, world, local_rank):
         raise UserError(f"--model {args.model} with --image-size {args.image_size}: {error}") from None
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.optimizer_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
-    diffusion = Diffusion(learn_sigma=model.cfg.learn_sigma)
+    diffusion = Diffusion(learn_sigma=model.cfg.learn_sigma).to(device)
 
     step = 0
     if resume is not None:
@@ -268,8 +305,11 @@ def train(args, rank, world, local_rank):
     steps_per_epoch = len(dataset) // args.global_batch_size
     workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
     data = batches(dataset, local_batch, rank, world, args.global_seed, step, steps_per_epoch, workers)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    # the cast-weight cache off: CUDA graphs need it, and one forward casts each weight once anyway
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False)
     model.train()
+    if args.cuda_graphs:
+        ddp = graphed(model, local_batch, autocast)
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0 or args.no_progress, desc="training")
     losses, norms, last_time, last_step = [], [], time.time(), step
     last_checkpoint = None
@@ -279,11 +319,6 @@ def train(args, rank, world, local_rank):
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
         with autocast:
             loss = diffusion.training_losses(lambda xt, tt: ddp(xt, tt, y).float(), x, t)["loss"].mean()
-        if not torch.isfinite(loss):
-            message = f"the loss is {loss.item()} at step {step + 1}: stopping."
-            if last_checkpoint or resume_path:
-                message += f" The last good checkpoint is intact: {last_checkpoint or resume_path}"
-            raise UserError(message + " Try a lower --lr, --grad-clip, or --precision fp32.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
@@ -295,6 +330,9 @@ def train(args, rank, world, local_rank):
         bar.update(1)
         losses.append(loss.detach())
         norms.append(norm.detach())
+        if step % args.log_every == 0 or step % args.sample_every == 0 or step % args.ckpt_every == 0 \
+                or step == args.max_steps:  # before anything is logged, sampled or saved
+            stop_if_not_finite(losses, step, last_checkpoint or resume_path)
 
         if step % args.log_every == 0 or step == args.max_steps:
             mean_loss = torch.stack(losses).mean()

@@ -77,16 +77,18 @@ def test_mixer_computes_what_the_plain_mixer_does(backend):
     # BiMamba keeps its tensors channel-major to avoid copies; it must still be Vim's mixer.
     if backend == "triton" and scan.triton is None:
         pytest.skip("Triton is not installed (it comes with CUDA builds of torch)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton in its interpreter
     torch.manual_seed(0)
-    mixer = BiMamba(16, d_state=4, backend=backend)
+    mixer = BiMamba(16, d_state=4, backend=backend).to(device)
     with torch.no_grad():
         for branch in (mixer.forward_branch, mixer.backward_branch):
             branch.conv1d.weight.normal_()  # an asymmetric kernel
-    x = torch.randn(3, 11, 16, requires_grad=True)
-    y, y_plain = mixer(x), plain_mixer(mixer, x)
-    torch.testing.assert_close(y, y_plain, rtol=1e-4, atol=1e-5)
-    grads = torch.autograd.grad(y.square().sum(), [x, *mixer.parameters()])
-    grads_plain = torch.autograd.grad(y_plain.square().sum(), [x, *mixer.parameters()])
+    x = torch.randn(3, 11, 16, device=device, requires_grad=True)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # the two convolutions in full fp32
+        y, y_plain = mixer(x), plain_mixer(mixer, x)
+        torch.testing.assert_close(y, y_plain, rtol=1e-4, atol=1e-5)
+        grads = torch.autograd.grad(y.square().sum(), [x, *mixer.parameters()])
+        grads_plain = torch.autograd.grad(y_plain.square().sum(), [x, *mixer.parameters()])
     for (name, _), a, b in zip([("x", x), *mixer.named_parameters()], grads, grads_plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
 

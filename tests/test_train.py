@@ -1,5 +1,6 @@
 """train.py and sample.py end to end on the CPU: run folders, exact resume, torchrun, errors."""
 
+import copy
 import math
 import os
 import subprocess
@@ -14,6 +15,8 @@ import data
 import sample
 import train
 from data import ShapesDataset, UserError, judge
+from diffusion import Diffusion, guided
+from dim import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "DiM-Ti/8", "--image-size", "16", "--global-batch-size", "8", "--no-progress"]
@@ -61,6 +64,26 @@ def test_resume_is_bit_exact(tmp_path):
     assert_same_run(whole, resumed)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+def test_cuda_graphs_train_as_eager_and_resume(tmp_path):
+    """Replaying the recorded step gives the eager step's numbers, and a graphed run resumes where it
+    stopped. On a GPU some backward kernels add in no fixed order, so two eager runs already differ in
+    the last bits: equal logged losses and weights to 1e-5, not bit for bit."""
+    def assert_close_runs(a, b):
+        for x, y in zip(a["model"].state_dict().values(), b["model"].state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+        assert log_losses(a["run_dir"]) == log_losses(b["run_dir"])
+
+    flags = ["--lr-schedule", "constant", "--log-every", "1", "--ckpt-every", "3", "--sample-every", "100",
+             "--scan", "parallel", "--precision", "fp32"]
+    eager = run(tmp_path / "a", *flags, "--max-steps", "6")
+    whole = run(tmp_path / "b", *flags, "--max-steps", "6", "--cuda-graphs")
+    assert_close_runs(eager, whole)
+    run(tmp_path / "c", *flags, "--max-steps", "3", "--cuda-graphs")  # ends with a sample grid: draws noise
+    resumed = run(tmp_path / "c", *flags, "--max-steps", "6", "--resume", "auto", "--cuda-graphs")
+    assert_close_runs(whole, resumed)
+
+
 def test_killed_run_resumes_bit_exact(tmp_path, monkeypatch):
     """The default cosine rate depends on --max-steps: a run killed after its step-3 checkpoint and
     resumed with the same flags ends exactly where one that was never stopped ends."""
@@ -96,7 +119,7 @@ def test_learning_rate_schedule():
 
 
 def test_torchrun_two_ranks_on_gloo(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")  # CPUs, also on a GPU machine
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                os.path.join(ROOT, "train.py"), *TINY, "--max-steps", "3", "--log-every", "1",
                "--sample-every", "3", "--results-dir", str(tmp_path / "results")]
@@ -159,6 +182,10 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     good = run(tmp_path, "--max-steps", "1", "--sample-every", "100")["checkpoint"]
     fails("another model or data set: --model DiM-Ti/8 .checkpoint. vs DiM-Ti/4", "--resume", good,
           "--model", "DiM-Ti/4")
+    if torch.cuda.is_available():
+        fails("--cuda-graphs cannot be used with --grad-ckpt", "--cuda-graphs", "--grad-ckpt")
+    else:
+        fails("--cuda-graphs needs a CUDA GPU", "--cuda-graphs")
     with pytest.raises(UserError, match="--global-batch-size 8 is not divisible by the 3 ranks"):
         train.train(train.parse_args(TINY + ["--results-dir", str(tmp_path)]), rank=0, world=3, local_rank=0)
     with pytest.raises(UserError, match="does not exist"):
@@ -235,3 +262,66 @@ def test_shapes_are_deterministic():
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert not torch.equal(a.images, ShapesDataset(size=20, seed=6).images)
     assert len(data.SHAPE_CLASSES) == 9
+
+
+
+class HostTraffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that pass values between the host and the device: reading one back (item, int,
+    bool) and copying a host tensor over. On a GPU each waits for the kernels queued before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        from_host = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+        if func is torch.ops.aten._local_scalar_dense.default or (
+                from_host and isinstance(out, torch.Tensor) and out.device.type != "cpu"):
+            self.ops.append(str(func))
+        return out
+
+
+def tiny_model_on_a_device():
+    """A tiny DiM on the GPU, or on the meta device, which stands in for one on the CPU. On meta the
+    scan is the loop: the parallel scan turns autocast off, which meta has no autocast for."""
+    device = "cuda" if torch.cuda.is_available() else "meta"
+    model = build_model("DiM-Ti/8", input_size=16, in_channels=3, num_classes=4,
+                        scan_backend="auto" if device == "cuda" else "ref")
+    return model.to(device), device
+
+
+def test_a_training_step_never_waits_for_the_device():
+    """The forward, the hybrid loss, the backward, clipping and the EMA neither read values back nor
+    copy from the host, so the host can queue the next step while the GPU runs this one. The step runs
+    on the meta device, which stands in for the GPU (on a GPU it runs there, with CUDA's own check)."""
+    model, device = tiny_model_on_a_device()
+    ema = copy.deepcopy(model)
+    diffusion = Diffusion().to(device)
+    x, y = torch.randn(2, 3, 16, 16, device=device), torch.tensor([0, 4], device=device)  # 4: the null class
+    t = torch.tensor([0, 999], device=device)
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with HostTraffic() as traffic:
+            loss = diffusion.training_losses(lambda xt, tt: model(xt, tt, y), x, t)["loss"].mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            train.update_ema(ema, model, 0.99)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert traffic.ops == []
+    assert loss.shape == () and all(p.grad is not None for p in model.parameters())
+
+
+def test_sampling_never_waits_for_the_device():
+    """Each sampling step, with guidance, neither reads values back nor copies from the host (on meta)."""
+    model, device = tiny_model_on_a_device()
+    model.eval()
+    diffusion = Diffusion().respaced(3).to(device)
+    labels, noise = torch.tensor([0, 3], device=device), torch.randn(2, 3, 16, 16, device=device)
+    with torch.no_grad(), HostTraffic() as traffic:
+        for run in (diffusion.ddim_sample, diffusion.ddpm_sample):
+            samples = run(guided(model, labels, 4.0, null_class=4), noise, clip_x0=True)
+    assert traffic.ops == [] and samples.shape == noise.shape
