@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 
 def _at(values, t, x):
-    """values[t] (float64 table, (N,) indices) broadcast against x: (N, 1, 1, ...)."""
+    """values[t] (float64 table, (N,) indices) broadcast against x: (N, 1, 1, ...). The move to x's
+    device costs nothing once Diffusion.to has put the tables there."""
     return values.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 

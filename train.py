@@ -154,16 +154,37 @@ class Logger:
 #                                 The training loop                             #
 #################################################################################
 
+class SeededItems(torch.utils.data.Dataset):
+    """dataset[index] read with the random state seeded by `key` (random flips, clip starts): what an
+    item draws then depends on the item, not on which loader worker reads it or what that worker read
+    before, which a resumed run could not reproduce."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index_and_key):
+        index, key = index_and_key
+        with torch.random.fork_rng(devices=[]):  # without workers this runs in the training process
+            torch.manual_seed(key)
+            return self.dataset[index]
+
+
 def batches(dataset, local_batch, rank, world, seed, step, steps_per_epoch, workers):
     """Endless batches, starting at `step`: each epoch is a DistributedSampler permutation fixed by
-    (seed, epoch), so a resumed run reads exactly the batches an uninterrupted one would have."""
+    (seed, epoch), and each item's random draws are fixed by (seed, epoch, item), so a resumed run
+    reads exactly the batches an uninterrupted one would have."""
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
     epoch, skip = divmod(step, steps_per_epoch)
     while True:
         sampler.set_epoch(epoch)
-        indices = list(sampler)[skip * local_batch:]
-        loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=indices, drop_last=True,
-                                             num_workers=workers, generator=torch.Generator().manual_seed(seed + epoch),
+        key = (seed * 1_000_003 + epoch) * len(dataset)
+        indices = [(i, key + i) for i in list(sampler)[skip * local_batch:]]
+        loader = torch.utils.data.DataLoader(SeededItems(dataset), batch_size=local_batch, sampler=indices,
+                                             drop_last=True, num_workers=workers,
+                                             generator=torch.Generator().manual_seed(seed + epoch),
                                              persistent_workers=False, pin_memory=torch.cuda.is_available())
         yield from loader
         epoch, skip = epoch + 1, 0

@@ -161,6 +161,22 @@ def test_folder_dataset_trains(tmp_path):
     assert ckpt["data_info"]["class_names"] == ["cats", "dogs"] and ckpt["data_info"]["num_classes"] == 2
 
 
+def test_resume_with_loader_workers_and_random_flips_is_bit_exact(tmp_path):
+    """Random flips are drawn in the loader's worker processes (4 on a GPU by default); each item's
+    draw must not depend on which worker read it or how far that worker had got."""
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        os.makedirs(tmp_path / "images" / name)
+        for i in range(24):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
+    flags = ["--dataset", "folder", "--data-path", str(tmp_path / "images"), "--image-size", "16", "--num-workers", "2",
+             "--lr-schedule", "constant", "--log-every", "1", "--ckpt-every", "3", "--sample-every", "100"]
+    whole = run(tmp_path / "a", *flags, "--max-steps", "5")
+    run(tmp_path / "b", *flags, "--max-steps", "3")
+    resumed = run(tmp_path / "b", *flags, "--max-steps", "5", "--resume", "auto")
+    assert_same_run(whole, resumed)
+
+
 def test_bad_inputs_give_clear_errors(tmp_path):
     def fails(match, *flags):
         with pytest.raises(UserError, match=match):
