@@ -261,11 +261,10 @@ def train(args, rank, world, local_rank):
     if args.global_batch_size % world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks")
     local_batch = args.global_batch_size // world
-    if args.cuda_graphs:
-        why = ("needs a CUDA GPU" if device.type != "cuda" else "runs on one GPU, not under torchrun" if world > 1
-               else "cannot be used with --grad-ckpt" if args.grad_ckpt else None)
-        if why:
-            raise UserError(f"--cuda-graphs {why}")
+    if args.cuda_graphs and device.type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA GPU")
+    if args.cuda_graphs and (world > 1 or args.grad_ckpt):
+        raise UserError("--cuda-graphs records the whole model on one GPU: not under torchrun, not with --grad-ckpt")
 
     # --- checks that need no work, then the data and the model --------------------------------
     resume_path = find_resume(args) if args.resume else None
