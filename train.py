@@ -350,11 +350,13 @@ def train(args, rank, world, local_rank):
         bar.update(1)
         losses.append(loss.detach())
         norms.append(norm.detach())
-        if step % args.log_every == 0 or step % args.sample_every == 0 or step % args.ckpt_every == 0 \
-                or step == args.max_steps:  # before anything is logged, sampled or saved
+        last = step == args.max_steps
+        log_now, sample_now, save_now = (last or step % every == 0
+                                         for every in (args.log_every, args.sample_every, args.ckpt_every))
+        if log_now or sample_now or save_now:  # before anything is logged, sampled or saved
             stop_if_not_finite(losses, step, last_checkpoint or resume_path)
 
-        if step % args.log_every == 0 or step == args.max_steps:
+        if log_now:
             mean_loss = torch.stack(losses).mean()
             if world > 1:
                 dist.all_reduce(mean_loss)
@@ -366,14 +368,14 @@ def train(args, rank, world, local_rank):
                 + (f"  ({skipped} unreadable videos skipped so far)" if skipped else ""))
             bar.set_postfix(loss=f"{mean_loss.item():.4f}")
             losses, norms, last_time, last_step = [], [], time.time(), step
-        if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
+        if rank == 0 and sample_now:
             per_class = max(1, (36 if args.num_frames == 1 else 12) // info["num_classes"])  # clips cost T times more
             labels = torch.arange(info["num_classes"]).repeat(per_class)
             samples = to_pixels(generate(ema, labels, "ddim", 50, cfg_scale=4.0, seed=args.global_seed), info)
             path = save_samples(samples, os.path.join(run_dir, "samples", f"{step:07d}.{'gif' if args.num_frames > 1 else 'png'}"),
                                 columns=info["num_classes"])
             log(f"step {step:7d}  samples (EMA, DDIM 50, guidance 4) in {path}")
-        if step % args.ckpt_every == 0 or step == args.max_steps:
+        if save_now:
             rng = rng_states(world)
             if rank == 0:
                 last_checkpoint = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
