@@ -14,6 +14,7 @@ yardstick it times `F.scaled_dot_product_attention` at the same B and L, width 1
 
 import argparse
 import functools
+import gc
 import statistics
 import sys
 import time
@@ -249,13 +250,18 @@ BLOCK_TOKENS = [(256, 32), (1024, 8), (4096, 2), (16384, 1), (65536, 1)]
 
 
 def time_training(name, mixer, latent, frames, batch, scan, repeats):
-    """ms per training step (forward, backward, AdamW) and per sampling forward, peak GB; bf16 autocast.
-    Out of memory: retried with gradient checkpointing, then reported as such."""
+    """ms per training step (forward, backward, AdamW) and per sampling forward, each as train.py and
+    sample.py run it, eager and with --cuda-graphs (the model recorded once, then replayed), and the
+    eager step's peak GB; bf16 autocast. Out of memory: retried with gradient checkpointing (training
+    graphs do not take it), then reported as such."""
     from diffusion import Diffusion
     from dim import build_model
+    from sample import recorded
+    from train import graphed
 
     for grad_ckpt in (False, True):
-        model = opt = None
+        model = opt = replay = None
+        gc.collect()  # the last configuration's graphs and their memory, held in reference cycles
         torch.cuda.empty_cache()
         try:
             torch.manual_seed(0)
@@ -266,28 +272,36 @@ def time_training(name, mixer, latent, frames, batch, scan, repeats):
             shape = (batch,) + ((frames,) if frames > 1 else ()) + (4, latent, latent)
             x, y = torch.randn(shape, device="cuda"), torch.randint(0, 1000, (batch,), device="cuda")
             t = torch.randint(0, 1000, (batch,), device="cuda")
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # as train.py's
 
-            def train_step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = diffusion.training_losses(lambda a, b: model(a, b, y).float(), x, t)["loss"].mean()
+            def train_step(net=model):
+                with autocast:
+                    loss = diffusion.training_losses(lambda a, b: net(a, b, y).float(), x, t)["loss"].mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
 
-            def sample_step():
-                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                    model.eval()
-                    model(x, t, y)
-                    model.train()
+            def sample_step(net=lambda a, b: model(a, b, y)):
+                with torch.no_grad(), autocast:
+                    net(x, t)
 
-            train_ms = timed(train_step, repeats=repeats, warmup=2)
-            memory = peak_memory_gb(train_step)
-            sample_ms = timed(sample_step, repeats=repeats, warmup=1)
-            return dict(train_ms=train_ms, memory=memory, sample_ms=sample_ms, grad_ckpt=grad_ckpt)
+            r = dict(train_ms=timed(train_step, repeats=repeats, warmup=2), memory=peak_memory_gb(train_step),
+                     grad_ckpt=grad_ckpt, train_graphed_ms=None)
+            model.eval()
+            r["sample_ms"] = timed(sample_step, repeats=repeats, warmup=1)
+            with torch.no_grad(), autocast:
+                replay = recorded(lambda a, b: model(a, b, y), x, t)
+            r["sample_graphed_ms"] = timed(lambda: sample_step(replay), repeats=repeats, warmup=1)
+            replay = None
+            model.train()
+            if not grad_ckpt:
+                net = graphed(model, batch, autocast)
+                r["train_graphed_ms"] = timed(lambda: train_step(net), repeats=repeats, warmup=2)
+            return r
         except torch.cuda.OutOfMemoryError:
             continue
         finally:
-            model = opt = None  # free the GPU memory before the next try
+            model = opt = replay = None  # free the GPU memory before the next try
     return dict(train_ms=None, memory=None, sample_ms=None, grad_ckpt=True)
 
 
@@ -326,8 +340,9 @@ def bench_model(args):
             ratio = f"{mamba / attention:.2f}" if attention and mamba else "-"
             attention_ms, mamba_ms = (f"{ms:.2f}" if ms else "OOM" for ms in (attention, mamba))
             print(f"| {scan} | {tokens:,} ({batch}) | {attention_ms} | {mamba_ms} | {ratio} |", flush=True)
-    print("\n| model | input | tokens x batch | mixer | train step ms | peak GB | sampling fwd ms | images/s (250 steps) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| model | input | tokens x batch | mixer | train step ms | graphed | peak GB | sampling fwd ms | graphed | "
+          "images/s (250 steps, graphed) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:
         for side, frames, batch in SIZES:
             latent = side // 8
@@ -338,12 +353,13 @@ def bench_model(args):
                 results["models"].append(r)
                 label = f"{side}px" + (f" x {frames} frames" if frames > 1 else "")
                 if r["train_ms"] is None:
-                    print(f"| {name} | {label} | {tokens:,} x {batch} | {mixer} | OOM | - | - | - |", flush=True)
+                    print(f"| {name} | {label} | {tokens:,} x {batch} | {mixer} | OOM | - | - | - | - | - |", flush=True)
                     continue
-                rate = batch / (250 * r["sample_ms"] / 1e3)
+                graphed_train = f"{r['train_graphed_ms']:.1f}" if r["train_graphed_ms"] else "-"
+                rate = batch / (250 * r["sample_graphed_ms"] / 1e3)
                 print(f"| {name} | {label} | {tokens:,} x {batch} | {mixer} | {r['train_ms']:.1f}"
-                      f"{' (grad ckpt)' if r['grad_ckpt'] else ''} | {r['memory']:.1f} | {r['sample_ms']:.1f} | "
-                      f"{rate:.2f} |", flush=True)
+                      f"{' (grad ckpt)' if r['grad_ckpt'] else ''} | {graphed_train} | {r['memory']:.1f} | "
+                      f"{r['sample_ms']:.1f} | {r['sample_graphed_ms']:.1f} | {rate:.2f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -4,8 +4,10 @@
     python sample.py --ckpt PATH --sampler ddpm --num-sampling-steps 250 --cfg-scale 4 --class-labels 0 1 2
 
 The model is rebuilt from the arguments stored in the checkpoint; the EMA weights are used, as in
-DiT. A model trained on latents has its samples decoded by the VAE the latents were made with. For
-the shapes data set, --judge reports how many samples show the class that was asked for.
+DiT. On a GPU it runs under bf16 autocast, as it trained (--precision fp32 for full precision), and
+--cuda-graphs replays one recorded forward at each step (small models). A model trained on latents
+has its samples decoded by the VAE the latents were made with. For the shapes data set, --judge
+reports how many samples show the class that was asked for.
 """
 
 import argparse
@@ -62,10 +64,18 @@ def model_from_args(args, info):
                        mixer=args["mixer"], scan_backend=args["scan"], grad_ckpt=args.get("grad_ckpt", False))
 
 
+def precision_for(precision, device):
+    """The autocast precision asked for, or the default: bf16 on GPUs (as train.py trains), fp32 on the CPU."""
+    return precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
+
+
 @torch.no_grad()
-def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0, progress=False, clip_x0=None):
+def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0, progress=False, clip_x0=None,
+             precision="fp32", cuda_graph=False):
     """Samples for the given labels: (N, C, H, W) or (N, T, C, H, W), pixels in [-1, 1] or latents.
-    clip_x0: clamp the predicted clean image to [-1, 1] at each step (default: for pixels, C = 3)."""
+    clip_x0: clamp the predicted clean image to [-1, 1] at each step (default: for pixels, C = 3).
+    precision: "bf16" runs the model under bf16 autocast; its output and the sampler stay in fp32.
+    cuda_graph: record the model's forward once and replay it at every step (a CUDA GPU)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     shape = (len(labels),) + ((cfg.num_frames,) if cfg.num_frames > 1 else ()) + \
@@ -73,14 +83,43 @@ def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0,
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(shape, generator=generator).to(device)
     diffusion = Diffusion(learn_sigma=cfg.learn_sigma).respaced(num_steps).to(device)
-    model_fn = guided(model, labels.to(device), cfg_scale, null_class=cfg.num_classes)
+    model_fn = guided(lambda x, t, y: model(x, t, y).float(), labels.to(device), cfg_scale, cfg.num_classes)
+    # a graph cannot hold autocast's cache of cast weights; eager, the cache casts each weight once a run
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16", cache_enabled=not cuda_graph)
     # the DDPM noise from `seed`, without disturbing the caller's random streams (a training run's)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+        if cuda_graph:
+            model_fn = recorded(model_fn, noise, torch.zeros(len(labels), dtype=torch.long, device=device))
         torch.manual_seed(seed)
         run = diffusion.ddpm_sample if sampler == "ddpm" else diffusion.ddim_sample
         clip_x0 = cfg.in_channels == 3 if clip_x0 is None else clip_x0
         samples = run(model_fn, noise, progress=progress, clip_x0=clip_x0)
         return samples.clamp(-1, 1) if cfg.in_channels == 3 else samples
+
+
+def recorded(model_fn, x, t):
+    """model_fn recorded as a CUDA graph on inputs like (x, t), and a function that replays it: a step
+    then launches one graph instead of a few thousand kernels, which is most of a small model's time on
+    a fast GPU. Each call copies its inputs into the graph's own and returns a copy of its output.
+    Two warm-up calls first, on a side stream as recording wants (Triton compiles, cuBLAS chooses)."""
+    inputs = (x.clone(), t.clone())
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model_fn(*inputs)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = model_fn(*inputs)
+
+    def replay(x, t):
+        inputs[0].copy_(x)
+        inputs[1].copy_(t)
+        graph.replay()
+        return output.clone()
+    replay.model_fn = model_fn  # the graph reads tensors that model_fn holds (the labels): keep them alive
+    return replay
 
 
 def to_pixels(samples, info, vae=None):
@@ -146,6 +185,10 @@ def parse_args(argv=None):
     parser.add_argument("--vae", default=None, help="latent models: the VAE that decodes samples (default: the "
                         "one recorded with the data set; ema, mse, or a local folder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                        help="autocast precision of the model (default: bf16 on GPUs, fp32 on the CPU)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="record the model's forward once and replay "
+                        "it every step: small models on fast GPUs wait on the host otherwise")
     parser.add_argument("--scan", choices=BACKENDS, default="auto",
                         help="selective-scan backend to sample with (the one trained with need not run here)")
     return parser.parse_args(argv)
@@ -156,6 +199,8 @@ def main(args):
     train_args, info = ckpt["args"], ckpt["data_info"]
     check_device(args.device)
     check_scan_backend(args.scan, args.device)
+    if args.cuda_graphs and torch.device(args.device).type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA GPU (--device cuda)")
     trained_steps = Diffusion().num_timesteps
     if args.num_sampling_steps > trained_steps:
         raise UserError(f"--num-sampling-steps {args.num_sampling_steps}: the model was trained on {trained_steps} "
@@ -168,7 +213,8 @@ def main(args):
     if min(labels) < 0 or max(labels) >= num_classes:
         raise UserError(f"--class-labels must lie in [0, {num_classes - 1}] for this checkpoint")
     labels = torch.tensor(labels)
-    samples = generate(model, labels, args.sampler, args.num_sampling_steps, args.cfg_scale, args.seed, progress=True)
+    samples = generate(model, labels, args.sampler, args.num_sampling_steps, args.cfg_scale, args.seed, progress=True,
+                       precision=precision_for(args.precision, args.device), cuda_graph=args.cuda_graphs)
     samples = to_pixels(samples, info, args.vae)
     video = samples.dim() == 5
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), "samples",

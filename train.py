@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -30,8 +31,8 @@ from tqdm.auto import tqdm
 from data import DATASETS, UserError, make_dataset
 from diffusion import Diffusion
 from dim import PRESETS
-from sample import (check_scan_backend, generate, load_checkpoint, model_from_args, positive_int, save_samples,
-                    to_pixels)
+from sample import (check_scan_backend, generate, load_checkpoint, model_from_args, positive_int, precision_for,
+                    save_samples, to_pixels)
 from scan import BACKENDS
 
 ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must match to resume
@@ -212,7 +213,10 @@ def graphed(model, batch, autocast):
     rng = torch.cuda.get_rng_state(device)
     x = torch.randn(batch, *frames, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     t, y = (torch.zeros(batch, dtype=torch.long, device=device) for _ in range(2))
-    with autocast:
+    with autocast, warnings.catch_warnings():
+        # torch keeps its warm-up's autograd graph alive while it records, and warns that the gradients'
+        # streams differ from it; the recorded step matches the eager one (tests/test_train.py)
+        warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
         model = torch.cuda.make_graphed_callables(model, (x, t, y))
     torch.cuda.set_rng_state(rng, device)
     return model
@@ -256,7 +260,7 @@ def train(args, rank, world, local_rank):
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = precision_for(args.precision, device)
     check_scan_backend(args.scan, device)
     if args.global_batch_size % world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks")
@@ -371,7 +375,8 @@ def train(args, rank, world, local_rank):
         if rank == 0 and sample_now:
             per_class = max(1, (36 if args.num_frames == 1 else 12) // info["num_classes"])  # clips cost T times more
             labels = torch.arange(info["num_classes"]).repeat(per_class)
-            samples = to_pixels(generate(ema, labels, "ddim", 50, cfg_scale=4.0, seed=args.global_seed), info)
+            samples = generate(ema, labels, "ddim", 50, cfg_scale=4.0, seed=args.global_seed, precision=precision)
+            samples = to_pixels(samples, info)
             path = save_samples(samples, os.path.join(run_dir, "samples", f"{step:07d}.{'gif' if args.num_frames > 1 else 'png'}"),
                                 columns=info["num_classes"])
             log(f"step {step:7d}  samples (EMA, DDIM 50, guidance 4) in {path}")

@@ -150,6 +150,35 @@ def test_sample_png_and_gif(tmp_path):
     assert gif.n_frames == 3
 
 
+def test_bf16_sampling_is_autocast_and_close_to_fp32(tmp_path):
+    """--precision bf16 runs the model under autocast (so its samples differ from fp32's, a little)
+    while guidance and the sampler stay in fp32; fp32 is the CPU's default, bf16 a GPU's."""
+    torch.manual_seed(0)
+    model = sample.model_from_args(dict(model="DiM-Ti/8", image_size=16, num_frames=1, mixer="mamba", scan="parallel"),
+                                   dict(channels=3, num_classes=4)).eval()
+    with torch.no_grad():  # away from the zero-initialised output layers, which give the same zeros in both
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    labels = torch.tensor([0, 1, 2, 3])
+    fp32, bf16 = (sample.generate(model, labels, "ddim", 5, cfg_scale=4.0, precision=p) for p in ("fp32", "bf16"))
+    assert fp32.dtype == bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
+    assert (fp32 - bf16).abs().mean() < 0.01
+    assert [sample.precision_for(None, d) for d in ("cpu", "cuda")] == ["fp32", "bf16"]
+    assert sample.precision_for("fp32", "cuda") == "fp32"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+def test_cuda_graph_sampling_as_eager():
+    """Replaying the recorded forward gives the eager samples, for both samplers and both precisions."""
+    model = build_model("DiM-Ti/8", input_size=16, in_channels=3, num_classes=4).cuda().eval()
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    for sampler in ("ddim", "ddpm"):
+        for precision in ("fp32", "bf16"):
+            eager, graphed = (sample.generate(model, labels, sampler, 6, cfg_scale=4.0, precision=precision,
+                                              cuda_graph=graph) for graph in (False, True))
+            torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-5)
+
+
 def write_images(folder, per_class, sizes):
     """Random images in folder/cats and folder/dogs, the i-th of each (height, width) sizes[i]."""
     rng = np.random.default_rng(0)
@@ -226,6 +255,8 @@ def test_device_and_scan_are_checked_and_not_pinned_by_the_checkpoint(tmp_path, 
         sample.main(sample.parse_args(flags + ["--scan", "triton"]))
     with pytest.raises(UserError, match="--device cuda: this machine has no CUDA GPU"):
         sample.main(sample.parse_args(flags + ["--device", "cuda"]))
+    with pytest.raises(UserError, match="--cuda-graphs needs a CUDA GPU"):
+        sample.main(sample.parse_args(flags + ["--cuda-graphs"]))
     with pytest.raises(UserError, match="--num-sampling-steps 2000: the model was trained on 1000 steps"):
         sample.main(sample.parse_args(flags + ["--num-sampling-steps", "2000"]))
 
