@@ -85,7 +85,8 @@ def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0,
     diffusion = Diffusion(learn_sigma=cfg.learn_sigma).respaced(num_steps).to(device)
     model_fn = guided(lambda x, t, y: model(x, t, y).float(), labels.to(device), cfg_scale, cfg.num_classes)
     # a graph cannot hold autocast's cache of cast weights; eager, the cache casts each weight once a run
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16", cache_enabled=not cuda_graph)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
+                              cache_enabled=not cuda_graph)
     # the DDPM noise from `seed`, without disturbing the caller's random streams (a training run's)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
         if cuda_graph:

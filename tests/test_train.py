@@ -150,15 +150,21 @@ def test_sample_png_and_gif(tmp_path):
     assert gif.n_frames == 3
 
 
-def test_bf16_sampling_is_autocast_and_close_to_fp32(tmp_path):
-    """--precision bf16 runs the model under autocast (so its samples differ from fp32's, a little)
-    while guidance and the sampler stay in fp32; fp32 is the CPU's default, bf16 a GPU's."""
+def untrained_model(device="cpu", scan="auto"):
+    """A tiny DiM in eval mode whose output depends on its input: the zero-initialised output layers
+    (adaLN-zero) would give zeros however the model were run, so every weight is nudged at random."""
     torch.manual_seed(0)
-    model = sample.model_from_args(dict(model="DiM-Ti/8", image_size=16, num_frames=1, mixer="mamba", scan="parallel"),
-                                   dict(channels=3, num_classes=4)).eval()
-    with torch.no_grad():  # away from the zero-initialised output layers, which give the same zeros in both
+    model = build_model("DiM-Ti/8", input_size=16, in_channels=3, num_classes=4, scan_backend=scan).to(device)
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_bf16_sampling_is_autocast_and_close_to_fp32():
+    """--precision bf16 runs the model under autocast (so its samples differ from fp32's, a little)
+    while guidance and the sampler stay in fp32; fp32 is the CPU's default, bf16 a GPU's."""
+    model = untrained_model(scan="parallel")
     labels = torch.tensor([0, 1, 2, 3])
     fp32, bf16 = (sample.generate(model, labels, "ddim", 5, cfg_scale=4.0, precision=p) for p in ("fp32", "bf16"))
     assert fp32.dtype == bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
@@ -169,13 +175,15 @@ def test_bf16_sampling_is_autocast_and_close_to_fp32(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
 def test_cuda_graph_sampling_as_eager():
-    """Replaying the recorded forward gives the eager samples, for both samplers and both precisions."""
-    model = build_model("DiM-Ti/8", input_size=16, in_channels=3, num_classes=4).cuda().eval()
+    """Replaying the recorded forward gives the eager samples, for both samplers and both precisions
+    (and the labels the graph reads stay alive after recording: they are not a graph input)."""
+    model = untrained_model("cuda")
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
     for sampler in ("ddim", "ddpm"):
         for precision in ("fp32", "bf16"):
             eager, graphed = (sample.generate(model, labels, sampler, 6, cfg_scale=4.0, precision=precision,
                                               cuda_graph=graph) for graph in (False, True))
+            assert eager.abs().lt(1).float().mean() > 0.01  # not all clamped to +-1: the model's output counts
             torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-5)
 
 
