@@ -260,7 +260,6 @@ def time_training(name, mixer, latent, frames, batch, scan, repeats):
     from train import graphed
 
     for grad_ckpt in (False, True):
-        model = opt = None
         gc.collect()  # the last configuration's graphs and their memory, held in reference cycles
         torch.cuda.empty_cache()
         try:

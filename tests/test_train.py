@@ -150,11 +150,16 @@ def test_sample_png_and_gif(tmp_path):
     assert gif.n_frames == 3
 
 
+def tiny_model(device="cpu", scan="auto"):
+    """DiM-Ti/8 for 16 x 16 RGB images of 4 classes, on `device`."""
+    return build_model("DiM-Ti/8", input_size=16, in_channels=3, num_classes=4, scan_backend=scan).to(device)
+
+
 def untrained_model(device="cpu", scan="auto"):
     """A tiny DiM in eval mode whose output depends on its input: the zero-initialised output layers
     (adaLN-zero) would give zeros however the model were run, so every weight is nudged at random."""
     torch.manual_seed(0)
-    model = build_model("DiM-Ti/8", input_size=16, in_channels=3, num_classes=4, scan_backend=scan).to(device)
+    model = tiny_model(device, scan)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -342,9 +347,7 @@ def tiny_model_on_a_device():
     """A tiny DiM on the GPU, or on the meta device, which stands in for one on the CPU. On meta the
     scan is the loop: the parallel scan turns autocast off, which meta has no autocast for."""
     device = "cuda" if torch.cuda.is_available() else "meta"
-    model = build_model("DiM-Ti/8", input_size=16, in_channels=3, num_classes=4,
-                        scan_backend="auto" if device == "cuda" else "ref")
-    return model.to(device), device
+    return tiny_model(device, "auto" if device == "cuda" else "ref"), device
 
 
 def test_a_training_step_never_waits_for_the_device():
