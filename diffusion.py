@@ -159,18 +159,19 @@ class Diffusion:
         return tqdm(list(range(self.num_timesteps))[::-1], disable=not progress, desc="sampling", leave=False)
 
     @torch.no_grad()
-    def ddpm_sample(self, model_fn, noise, progress=False, clip_x0=False):
-        """Ancestral sampling from x_T = noise through every step of this (respaced) process."""
+    def ddpm_sample(self, model_fn, noise, progress=False, clip_x0=False, noise_fn=torch.randn_like):
+        """Ancestral sampling from x_T = noise through every step of this (respaced) process.
+        noise_fn(x) draws each step's noise (mass sampling draws it per sample, see sample.py)."""
         x = noise
         for i in self._steps(progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             output = model_fn(x, self.timestep_map.to(x.device)[t])
             mean, log_variance, _, _ = self.p_mean_variance(output, x, t, clip_x0)
-            x = mean + (i > 0) * torch.exp(0.5 * log_variance) * torch.randn_like(x)
+            x = mean + (i > 0) * torch.exp(0.5 * log_variance) * noise_fn(x)
         return x
 
     @torch.no_grad()
-    def ddim_sample(self, model_fn, noise, eta=0.0, progress=False, clip_x0=False):
+    def ddim_sample(self, model_fn, noise, eta=0.0, progress=False, clip_x0=False, noise_fn=torch.randn_like):
         """DDIM (Song et al., 2021): deterministic for eta = 0, ancestral-like for eta = 1."""
         x = noise
         for i in self._steps(progress):
@@ -180,7 +181,7 @@ class Diffusion:
             alpha_bar, alpha_bar_prev = _at(self.alphas_cumprod, t, x), _at(self.alphas_cumprod_prev, t, x)
             sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
             x = x0 * alpha_bar_prev.sqrt() + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
-            x = x + (i > 0) * sigma * torch.randn_like(x)
+            x = x + (i > 0) * sigma * noise_fn(x)
         return x
 
 

@@ -1,22 +1,32 @@
-"""Sample from a trained DiM: checkpoint -> PNG grid (images), or animated GIF grid or MP4 (videos).
+"""Sample from a trained DiM: checkpoint -> PNG grid (images), animated GIF grid or MP4 (videos), or
+an .npz of many samples for FID / FVD (DiT's sample_ddp.py).
 
     python sample.py --ckpt results/000-DiM-Ti-2-shapes/checkpoints/0001600.pt
     python sample.py --ckpt PATH --sampler ddpm --num-sampling-steps 250 --cfg-scale 4 --class-labels 0 1 2
+    torchrun --nproc_per_node=4 sample.py --ckpt PATH --num-fid-samples 50000 --cfg-scale 1.5 --out s.npz
 
 The model is rebuilt from the arguments stored in the checkpoint; the EMA weights are used, as in
 DiT. On a GPU it runs under bf16 autocast, as it trained (--precision fp32 for full precision), and
 --cuda-graphs replays one recorded forward at each step (small models). A model trained on latents
 has its samples decoded by the VAE the latents were made with. For the shapes data set, --judge
 reports how many samples show the class that was asked for.
+
+Mass sampling draws sample i from noise seeded by (--seed, i) and labels it i mod classes, so the
+.npz is the same for any number of ranks, and a stopped run started again carries on where it was.
 """
 
 import argparse
+import contextlib
+import json
 import os
+import shutil
 import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
+from tqdm.auto import tqdm
 
 from data import SHAPE_CLASSES, UserError, decode, judge, load_vae, require
 from diffusion import Diffusion, guided
@@ -71,17 +81,24 @@ def precision_for(precision, device):
 
 @torch.no_grad()
 def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0, progress=False, clip_x0=None,
-             precision="fp32", cuda_graph=False):
+             precision="fp32", cuda_graph=False, generators=None):
     """Samples for the given labels: (N, C, H, W) or (N, T, C, H, W), pixels in [-1, 1] or latents.
     clip_x0: clamp the predicted clean image to [-1, 1] at each step (default: for pixels, C = 3).
     precision: "bf16" runs the model under bf16 autocast; its output and the sampler stay in fp32.
-    cuda_graph: record the model's forward once and replay it at every step (a CUDA GPU)."""
+    cuda_graph: record the model's forward once and replay it at every step (a CUDA GPU).
+    generators: one CPU torch.Generator per sample, which draws its starting noise and every step's
+    noise, so that a sample does not depend on the batch it is drawn in (mass sampling); by default
+    all the noise comes from `seed`."""
     cfg = model.cfg
     device = next(model.parameters()).device
-    shape = (len(labels),) + ((cfg.num_frames,) if cfg.num_frames > 1 else ()) + \
-        (cfg.in_channels, cfg.input_size, cfg.input_size)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(shape, generator=generator).to(device)
+    item = ((cfg.num_frames,) if cfg.num_frames > 1 else ()) + (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if generators is None:
+        noise = torch.randn((len(labels),) + item, generator=torch.Generator().manual_seed(seed)).to(device)
+        noise_fn = torch.randn_like  # the DDPM steps' noise, from torch.manual_seed(seed) below
+    else:
+        def noise_fn(x):
+            return torch.stack([torch.randn(item, generator=g) for g in generators]).to(x.device)
+        noise = noise_fn(torch.empty(0, device=device))                    # (N, [T,] C, H, W)
     diffusion = Diffusion(learn_sigma=cfg.learn_sigma).respaced(num_steps).to(device)
     model_fn = guided(lambda x, t, y: model(x, t, y).float(), labels.to(device), cfg_scale, cfg.num_classes)
     # a graph cannot hold autocast's cache of cast weights; eager, the cache casts each weight once a run
@@ -94,7 +111,7 @@ def generate(model, labels, sampler="ddim", num_steps=50, cfg_scale=1.0, seed=0,
         torch.manual_seed(seed)
         run = diffusion.ddpm_sample if sampler == "ddpm" else diffusion.ddim_sample
         clip_x0 = cfg.in_channels == 3 if clip_x0 is None else clip_x0
-        samples = run(model_fn, noise, progress=progress, clip_x0=clip_x0)
+        samples = run(model_fn, noise, progress=progress, clip_x0=clip_x0, noise_fn=noise_fn)
         return samples.clamp(-1, 1) if cfg.in_channels == 3 else samples
 
 
@@ -168,6 +185,95 @@ def save_mp4(frames, path, fps=8):
         container.mux(stream.encode())
 
 
+#################################################################################
+#          Mass sampling for FID / FVD: DiT's sample_ddp.py, resumable          #
+#################################################################################
+
+def sample_generators(seed, indices):
+    """One generator per sample index, seeded by (seed, index): sample i is the same whichever rank,
+    batch or run draws it."""
+    return [torch.Generator().manual_seed((seed * (1 << 32) + int(i)) % (1 << 63)) for i in indices]
+
+
+def to_uint8(samples):
+    """Pixels in [-1, 1], (N, [T,] 3, H, W) -> uint8 (N, [T,] H, W, 3), as ADM's evaluator reads them."""
+    pixels = ((samples.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return pixels.movedim(-3, -1).numpy()
+
+
+def sample_many(model, info, out, num_samples, settings, batch_size, rank=0, world=1, progress=True,
+                cuda_graph=False):
+    """num_samples samples into `out` (.npz): arr_0 uint8 (N, H, W, 3) or (N, T, H, W, 3), arr_1 the labels,
+    uniform over the classes (sample i shows class i mod classes). The work is cut into batches of
+    batch_size indices, rank r draws batches r, r + world, ...; each batch lands in a memory-mapped
+    array of OUT.partial/ and is marked done only after it is written, so a stopped run started again
+    carries on, and the file does not depend on the number of ranks. `settings`: sampler, num_steps,
+    cfg_scale, seed, precision and what else identifies the run (the checkpoint, its step)."""
+    cfg = model.cfg
+    labels = torch.arange(num_samples) % info["num_classes"]
+    frames = (cfg.num_frames,) if cfg.num_frames > 1 else ()
+    shape = (num_samples, *frames, info["image_size"], info["image_size"], 3)
+    batches = [range(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
+    work = out + ".partial"
+    meta = dict(settings, num_samples=num_samples, batch_size=batch_size, shape=list(shape))
+    if rank == 0:
+        try:
+            os.makedirs(work, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--out {out}: cannot write there ({error.strerror})") from None
+        meta_file = os.path.join(work, "meta.json")
+        if os.path.isfile(meta_file):  # resuming: the same run, or refuse to mix two
+            with open(meta_file) as f:
+                old = json.load(f)
+            changed = [k for k in meta if old.get(k) != meta[k]]
+            if changed:
+                raise UserError(f"{work} holds an unfinished sampling run with other settings ({', '.join(changed)}): "
+                                "run it as it was, or delete the folder")
+        else:
+            np.lib.format.open_memmap(os.path.join(work, "samples.npy"), "w+", np.uint8, shape).flush()
+            np.save(os.path.join(work, "done.npy"), np.zeros(len(batches), dtype=np.uint8))
+            with open(meta_file + ".tmp", "w") as f:
+                json.dump(meta, f, indent=1)
+            os.replace(meta_file + ".tmp", meta_file)
+    if world > 1:
+        dist.barrier()  # rank 0 has laid out the files
+    arrays = np.load(os.path.join(work, "samples.npy"), mmap_mode="r+")
+    done = np.load(os.path.join(work, "done.npy"), mmap_mode="r+")
+    mine = [b for b in range(rank, len(batches), world) if not done[b]]
+    for b in tqdm(mine, desc=f"sampling (rank {rank})", disable=not progress):
+        indices = batches[b]
+        x = generate(model, labels[indices.start:indices.stop], settings["sampler"], settings["num_steps"],
+                     settings["cfg_scale"], precision=settings["precision"], cuda_graph=cuda_graph,
+                     generators=sample_generators(settings["seed"], indices))
+        arrays[indices.start:indices.stop] = to_uint8(to_pixels(x, info, settings.get("vae")))
+        arrays.flush()
+        done[b] = 1
+        done.flush()
+    if world > 1:
+        dist.barrier()  # every rank has written its batches
+    if rank == 0:
+        with open(out + ".tmp", "wb") as f:  # a file object: np.savez would add .npz to the name
+            np.savez(f, arr_0=np.asarray(arrays), arr_1=labels.numpy())
+        os.replace(out + ".tmp", out)
+        del arrays, done
+        shutil.rmtree(work)
+    return out
+
+
+@contextlib.contextmanager
+def process_group():
+    """(rank, world, local_rank) of this process: torchrun sets RANK, and then the processes form a group
+    (NCCL on GPUs, gloo on CPUs) that is torn down on the way out; otherwise (0, 1, 0)."""
+    if "RANK" not in os.environ:
+        yield 0, 1, 0
+        return
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    finally:
+        dist.destroy_process_group()
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
@@ -177,7 +283,10 @@ def parse_args(argv=None):
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance; 1 = none")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="labels to sample (default: every class in turn, --num-samples in all)")
-    parser.add_argument("--num-samples", type=positive_int, default=36)
+    parser.add_argument("--num-samples", type=positive_int, default=36, help="samples in the grid")
+    parser.add_argument("--num-fid-samples", type=positive_int, default=None, help="instead of a grid: this many "
+                        "samples, labels uniform over the classes, into an .npz for evaluate.py (torchrun shares it)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="--num-fid-samples: samples per forward")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--judge", action="store_true", help="shapes only: score samples against their labels")
@@ -196,37 +305,69 @@ def parse_args(argv=None):
 
 
 def main(args):
+    with process_group() as (rank, world, local_rank):
+        return sample(args, rank, world, local_rank)
+
+
+def default_out(args, ckpt, extension):
+    """A name beside the run's checkpoints that holds every option that changes the samples."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
+    count = args.num_fid_samples or (len(args.class_labels) if args.class_labels else args.num_samples)
+    labels = "-labels" + "_".join(map(str, args.class_labels))[:40] if args.class_labels else ""
+    name = (f"{ckpt['step']:07d}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale:g}-seed{args.seed}"
+            f"{'-raw' if args.no_ema else ''}-{args.precision}-n{count}{labels}.{extension}")
+    return os.path.join(run_dir, "samples", name)
+
+
+def sample(args, rank=0, world=1, local_rank=0):
     ckpt = load_checkpoint(args.ckpt)
     train_args, info = ckpt["args"], ckpt["data_info"]
     check_device(args.device)
-    check_scan_backend(args.scan, args.device)
-    if args.cuda_graphs and torch.device(args.device).type != "cuda":
+    device = torch.device(f"cuda:{local_rank}") if world > 1 and torch.device(args.device).type == "cuda" \
+        else torch.device(args.device)
+    check_scan_backend(args.scan, device)
+    if args.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA GPU (--device cuda)")
     trained_steps = Diffusion().num_timesteps
     if args.num_sampling_steps > trained_steps:
         raise UserError(f"--num-sampling-steps {args.num_sampling_steps}: the model was trained on {trained_steps} "
                         "steps, the most a sampler can take")
+    if args.judge and train_args["dataset"] != "shapes":
+        raise UserError("--judge only knows the shapes data set")
+    if args.num_fid_samples and args.out and not args.out.endswith(".npz"):
+        raise UserError(f"--out {args.out}: --num-fid-samples writes an .npz file")
+    if world > 1 and not args.num_fid_samples:
+        raise UserError("torchrun shares the work of --num-fid-samples; a grid is drawn by one process")
+    args.precision = precision_for(args.precision, device)
     model = model_from_args(dict(train_args, scan=args.scan), info)
     model.load_state_dict(ckpt["model" if args.no_ema else "ema"])
-    model.to(args.device).eval()
+    model.to(device).eval()
     num_classes = info["num_classes"]
+    if args.num_fid_samples:
+        out = args.out or default_out(args, ckpt, "npz")
+        if os.path.exists(out):
+            raise UserError(f"{out} exists: choose another --out, or delete it to sample again")
+        settings = dict(checkpoint=os.path.abspath(args.ckpt), step=ckpt["step"], ema=not args.no_ema,
+                        sampler=args.sampler, num_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
+                        seed=args.seed, precision=args.precision, vae=args.vae)
+        sample_many(model, info, out, args.num_fid_samples, settings, args.batch_size, rank, world,
+                    progress=rank == 0, cuda_graph=args.cuda_graphs)
+        if rank == 0:
+            print(f"wrote {args.num_fid_samples} samples to {out} (arr_0: pixels, arr_1: labels)")
+        return dict(path=out)
     labels = args.class_labels or [i % num_classes for i in range(args.num_samples)]
     if min(labels) < 0 or max(labels) >= num_classes:
         raise UserError(f"--class-labels must lie in [0, {num_classes - 1}] for this checkpoint")
     labels = torch.tensor(labels)
     samples = generate(model, labels, args.sampler, args.num_sampling_steps, args.cfg_scale, args.seed, progress=True,
-                       precision=precision_for(args.precision, args.device), cuda_graph=args.cuda_graphs)
+                       precision=args.precision, cuda_graph=args.cuda_graphs)
     samples = to_pixels(samples, info, args.vae)
     video = samples.dim() == 5
-    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), "samples",
-                                   f"sample-{ckpt['step']:07d}-{args.sampler}{args.num_sampling_steps}"
-                                   f"-cfg{args.cfg_scale:g}.{'gif' if video else 'png'}")
+    out = args.out or default_out(args, ckpt, "gif" if video else "png")
     save_samples(samples, out, columns=num_classes if len(labels) % num_classes == 0 else None)
     print(f"wrote {len(labels)} {'clips' if video else 'images'} to {out}")
     result = dict(path=out, samples=samples, labels=labels)
     if args.judge:
-        if train_args["dataset"] != "shapes":
-            raise UserError("--judge only knows the shapes data set")
         result["accuracy"] = (judge(samples) == labels).float().mean().item()
         print(f"judged accuracy: {result['accuracy']:.3f} of samples show the requested class "
               f"({', '.join(SHAPE_CLASSES)})")

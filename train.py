@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from data import DATASETS, UserError, make_dataset
 from diffusion import Diffusion
+from evaluate import TrainingFID
 from dim import PRESETS
 from sample import (check_scan_backend, generate, load_checkpoint, model_from_args, positive_int, precision_for,
-                    save_samples, to_pixels)
+                    process_group, save_samples, to_pixels)
 from scan import BACKENDS
 
 ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must match to resume
@@ -76,6 +77,11 @@ def parse_args(argv=None):
                         "(the last step always writes one)")
     parser.add_argument("--sample-every", type=positive_int, default=1000, help="steps between EMA sample grids "
                         "(the last step always draws one)")
+    parser.add_argument("--eval-every", type=positive_int, default=None, help="steps between FIDs of "
+                        "--eval-samples EMA samples against as many training items (off by default)")
+    parser.add_argument("--eval-samples", type=positive_int, default=2000)
+    parser.add_argument("--inception", default=None, help="--eval-every: the FID Inception-v3 weights file "
+                        "(default: torch-fidelity's download)")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--resume", default=None,
                         help="a checkpoint, a run folder (its newest checkpoint), or 'auto' (newest run "
@@ -242,18 +248,8 @@ def stop_if_not_finite(losses, step, good_checkpoint):
 
 
 def main(args):
-    # --- processes and devices: torchrun sets RANK; otherwise one process ---------------------
-    distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world, local_rank = 0, 1, 0
-    try:
+    with process_group() as (rank, world, local_rank):  # torchrun sets RANK; otherwise one process
         return train(args, rank, world, local_rank)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
 
 
 def train(args, rank, world, local_rank):
@@ -292,6 +288,8 @@ def train(args, rank, world, local_rank):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.optimizer_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     diffusion = Diffusion(learn_sigma=model.cfg.learn_sigma).to(device)
+    evaluate_fid = TrainingFID(dataset, info, args.eval_samples, args.inception, device, args.global_seed) \
+        if args.eval_every and rank == 0 else None
 
     step = 0
     if resume is not None:
@@ -355,9 +353,10 @@ def train(args, rank, world, local_rank):
         losses.append(loss.detach())
         norms.append(norm.detach())
         last = step == args.max_steps
-        log_now, sample_now, save_now = (last or step % every == 0
-                                         for every in (args.log_every, args.sample_every, args.ckpt_every))
-        if log_now or sample_now or save_now:  # before anything is logged, sampled or saved
+        log_now, sample_now, save_now, eval_now = (
+            last or (every is not None and step % every == 0)
+            for every in (args.log_every, args.sample_every, args.ckpt_every, args.eval_every))
+        if log_now or sample_now or save_now or eval_now:  # before anything is logged, sampled or saved
             stop_if_not_finite(losses, step, last_checkpoint or resume_path)
 
         if log_now:
@@ -372,6 +371,12 @@ def train(args, rank, world, local_rank):
                 + (f"  ({skipped} unreadable videos skipped so far)" if skipped else ""))
             bar.set_postfix(loss=f"{mean_loss.item():.4f}")
             losses, norms, last_time, last_step = [], [], time.time(), step
+        if save_now:  # first: a sample grid or an evaluation that fails must not cost the checkpoint
+            rng = rng_states(world)
+            if rank == 0:
+                last_checkpoint = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+                save_checkpoint(last_checkpoint, model, ema, opt, args, step, info, rng)
+                log(f"step {step:7d}  checkpoint {last_checkpoint}")
         if rank == 0 and sample_now:
             per_class = max(1, (36 if args.num_frames == 1 else 12) // info["num_classes"])  # clips cost T times more
             labels = torch.arange(info["num_classes"]).repeat(per_class)
@@ -380,12 +385,11 @@ def train(args, rank, world, local_rank):
             path = save_samples(samples, os.path.join(run_dir, "samples", f"{step:07d}.{'gif' if args.num_frames > 1 else 'png'}"),
                                 columns=info["num_classes"])
             log(f"step {step:7d}  samples (EMA, DDIM 50, guidance 4) in {path}")
-        if save_now:
-            rng = rng_states(world)
-            if rank == 0:
-                last_checkpoint = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-                save_checkpoint(last_checkpoint, model, ema, opt, args, step, info, rng)
-                log(f"step {step:7d}  checkpoint {last_checkpoint}")
+        if evaluate_fid is not None and eval_now:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                score = evaluate_fid(ema, precision)
+            log(f"step {step:7d}  FID {score:.3f} of {args.eval_samples} EMA samples (DDIM 50, guidance 1.5) "
+                f"against {min(args.eval_samples, len(dataset))} training items")
     bar.close()
 
     if world > 1:  # DDP keeps the replicas equal; prove it
