@@ -18,6 +18,7 @@ import argparse
 import functools
 import importlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -37,6 +38,29 @@ SHAPE_CLASSES = [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS] 
 
 class UserError(Exception):
     """A problem with what the user asked for (a path, a flag, a file): printed without a traceback."""
+
+
+def number_in(kind=float, low=None, high=None, low_open=False):
+    """An argparse type: a finite number of `kind` in [low, high] (low excluded when low_open); anything
+    else is refused with the flag's name and the range, before any work is done."""
+    noun = "an integer" if kind is int else "a number"
+    bounds = [f"{'>' if low_open else '>='} {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
+    wanted = "a positive integer" if (kind, low, high, low_open) == (int, 1, None, False) else \
+        f"{noun} {' and '.join(b for b in bounds if b)}".strip()
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+                or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+    return parse
+
+
+positive_int = number_in(int, 1)  # counts: steps, samples, sizes, frames
 
 
 #################################################################################
@@ -552,16 +576,16 @@ def main(argv=None):
                                      "  torchrun --nproc_per_node=4 data.py extract ...   (ranks share the work)",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    ex = commands.add_parser("extract", help="encode imagenet or ucf101 into a latent cache (resumable)")
+    ex = commands.add_parser("extract", help="encode imagenet, folder or ucf101 into a latent cache (resumable)")
     ex.add_argument("--dataset", choices=["imagenet", "folder", "ucf101"], required=True)
     ex.add_argument("--data-path", required=True, help="ImageNet's train/ folder (or any ImageFolder tree), or "
                     "the folder holding UCF-101/")
     ex.add_argument("--out", required=True, help="the cache folder; run again to resume")
-    ex.add_argument("--image-size", type=int, default=256, help="pixels; latents are 1/8 of it")
+    ex.add_argument("--image-size", type=positive_int, default=256, help="pixels; latents are 1/8 of it")
     ex.add_argument("--vae", default="ema", help="ema, mse (stabilityai/sd-vae-ft-*) or a local folder")
-    ex.add_argument("--batch-size", type=int, default=32)
+    ex.add_argument("--batch-size", type=positive_int, default=32)
     ex.add_argument("--split", default="all", help="ucf101: all, train1..3, test1..3")
-    ex.add_argument("--frame-interval", type=int, default=3, help="ucf101: keep every k-th frame")
+    ex.add_argument("--frame-interval", type=positive_int, default=3, help="ucf101: keep every k-th frame")
     ex.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     distributed = "RANK" in os.environ

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data import COLOURS, IMAGE_EXTENSIONS, SHAPES, UserError, judge, make_dataset, require
+from data import COLOURS, IMAGE_EXTENSIONS, SHAPES, UserError, judge, make_dataset, positive_int, require
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
@@ -333,34 +333,31 @@ def parse_args(argv=None):
         command = commands.add_parser(name, help=what)
         command.add_argument("samples", help=".npz (arr_0) or a folder of images")
         command.add_argument("reference", help=".npz (arr_0 and/or mu, sigma) or a folder of images")
-        command.add_argument("--batch-size", type=int, default=64 if name == "fid" else 4)
+        command.add_argument("--batch-size", type=positive_int, default=64 if name == "fid" else 4)
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         command.add_argument("--no-progress", action="store_true")
     commands.choices["fid"].add_argument("--inception", default=None,
                                          help=f"FID Inception-v3 weights (default: download {INCEPTION_URL})")
-    commands.choices["fid"].add_argument("--num-samples", type=int, default=None,
+    commands.choices["fid"].add_argument("--num-samples", type=positive_int, default=None,
                                          help="evaluate the first N samples (default: all; DiT: 50,000)")
     commands.choices["fvd"].add_argument("--i3d", default=None, help=f"StyleGAN-V's I3D TorchScript (default: "
                                          f"download {I3D_URL})")
-    commands.choices["fvd"].add_argument("--num-clips", type=int, default=FVD_CLIPS,
+    commands.choices["fvd"].add_argument("--num-clips", type=positive_int, default=FVD_CLIPS,
                                          help="clips of each side (the protocol: 2048; fewer is not comparable)")
     judged = commands.add_parser("judge", help="shapes only: how many samples show the class they were asked for")
     judged.add_argument("samples", help=".npz of sample.py --num-fid-samples (arr_0 pixels, arr_1 labels)")
     reference = commands.add_parser("reference", help="an .npz of real items of a data set (the real side of FVD)")
     reference.add_argument("--dataset", required=True, choices=["shapes", "folder", "imagenet", "ucf101"])
     reference.add_argument("--data-path", default=None)
-    reference.add_argument("--image-size", type=int, default=None)
-    reference.add_argument("--num-frames", type=int, default=None)
-    reference.add_argument("--frame-interval", type=int, default=3)
+    reference.add_argument("--image-size", type=positive_int, default=None)
+    reference.add_argument("--num-frames", type=positive_int, default=None)
+    reference.add_argument("--frame-interval", type=positive_int, default=3)
     reference.add_argument("--split", default="all")
-    reference.add_argument("--num", type=int, default=FVD_CLIPS, help="items to write")
+    reference.add_argument("--num", type=positive_int, default=FVD_CLIPS, help="items to write")
     reference.add_argument("--seed", type=int, default=0)
     reference.add_argument("--out", required=True)
     reference.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "num_samples", "num_clips", "num", "image_size", "num_frames", "frame_interval"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     return args
 
 

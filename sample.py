@@ -28,7 +28,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data import SHAPE_CLASSES, UserError, decode, judge, load_vae, require
+from data import SHAPE_CLASSES, UserError, decode, judge, load_vae, number_in, positive_int, require
 from diffusion import Diffusion, guided
 from dim import build_model
 from scan import BACKENDS, triton_available
@@ -36,6 +36,8 @@ from scan import BACKENDS, triton_available
 
 def load_checkpoint(path):
     """The checkpoint dict, or a UserError that says why this file is not one of ours."""
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder; pass a file, e.g. {os.path.join(path, 'checkpoints', 'NNNNNNN.pt')}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -47,16 +49,12 @@ def load_checkpoint(path):
     return ckpt
 
 
-def positive_int(text):
-    """argparse type for counts (steps, samples, sizes): 0 or less is refused with the flag's name."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def check_device(device):
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device torch knows; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: this machine has no CUDA GPU that torch can use; try --device cpu")
 
 
@@ -280,7 +278,7 @@ def parse_args(argv=None):
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
     parser.add_argument("--num-sampling-steps", type=positive_int, default=50,
                         help="steps of the respaced process, at most the 1000 of training")
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance; 1 = none")
+    parser.add_argument("--cfg-scale", type=number_in(float, 0), default=4.0, help="classifier-free guidance; 1 = none")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="labels to sample (default: every class in turn, --num-samples in all)")
     parser.add_argument("--num-samples", type=positive_int, default=36, help="samples in the grid")
@@ -319,6 +317,19 @@ def default_out(args, ckpt, extension):
     return os.path.join(run_dir, "samples", name)
 
 
+def check_output(out, extensions):
+    """An output path that sampling can write when it is done: a known extension, a writable folder."""
+    if os.path.isdir(out) or not out.lower().endswith(extensions):
+        raise UserError(f"--out {out}: name a file ending in {' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out {out}: cannot create {folder} ({error.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--out {out}: {folder} is not writable")
+
+
 def sample(args, rank=0, world=1, local_rank=0):
     ckpt = load_checkpoint(args.ckpt)
     train_args, info = ckpt["args"], ckpt["data_info"]
@@ -334,8 +345,6 @@ def sample(args, rank=0, world=1, local_rank=0):
                         "steps, the most a sampler can take")
     if args.judge and train_args["dataset"] != "shapes":
         raise UserError("--judge only knows the shapes data set")
-    if args.num_fid_samples and args.out and not args.out.endswith(".npz"):
-        raise UserError(f"--out {args.out}: --num-fid-samples writes an .npz file")
     if world > 1 and not args.num_fid_samples:
         raise UserError("torchrun shares the work of --num-fid-samples; a grid is drawn by one process")
     args.precision = precision_for(args.precision, device)
@@ -345,6 +354,7 @@ def sample(args, rank=0, world=1, local_rank=0):
     num_classes = info["num_classes"]
     if args.num_fid_samples:
         out = args.out or default_out(args, ckpt, "npz")
+        check_output(out, (".npz",))
         if os.path.exists(out):
             raise UserError(f"{out} exists: choose another --out, or delete it to sample again")
         settings = dict(checkpoint=os.path.abspath(args.ckpt), step=ckpt["step"], ema=not args.no_ema,
@@ -359,11 +369,12 @@ def sample(args, rank=0, world=1, local_rank=0):
     if min(labels) < 0 or max(labels) >= num_classes:
         raise UserError(f"--class-labels must lie in [0, {num_classes - 1}] for this checkpoint")
     labels = torch.tensor(labels)
+    video = model.cfg.num_frames > 1
+    out = args.out or default_out(args, ckpt, "gif" if video else "png")
+    check_output(out, (".gif", ".mp4") if video else (".png", ".gif", ".jpg"))  # before the work, not after
     samples = generate(model, labels, args.sampler, args.num_sampling_steps, args.cfg_scale, args.seed, progress=True,
                        precision=args.precision, cuda_graph=args.cuda_graphs)
     samples = to_pixels(samples, info, args.vae)
-    video = samples.dim() == 5
-    out = args.out or default_out(args, ckpt, "gif" if video else "png")
     save_samples(samples, out, columns=num_classes if len(labels) % num_classes == 0 else None)
     print(f"wrote {len(labels)} {'clips' if video else 'images'} to {out}")
     result = dict(path=out, samples=samples, labels=labels)

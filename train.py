@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from data import DATASETS, UserError, make_dataset
+from data import DATASETS, UserError, make_dataset, number_in
 from diffusion import Diffusion
 from evaluate import TrainingFID
 from dim import PRESETS
@@ -55,16 +55,16 @@ def parse_args(argv=None):
     parser.add_argument("--frame-interval", type=positive_int, default=3, help="ucf101: take every k-th frame")
     parser.add_argument("--split", default="all", help="ucf101: all, train1..3, test1..3")
     parser.add_argument("--global-batch-size", type=positive_int, default=32, help="summed over all ranks")
-    parser.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (DiT: 1e-4 at batch 256)")
+    parser.add_argument("--lr", type=number_in(float, 0, low_open=True), default=5e-3, help="AdamW learning rate (DiT: 1e-4 at batch 256)")
     parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
                         help="a cosine decay to zero at --max-steps, or constant (DiT's)")
-    parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up of the learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup-steps", type=number_in(int, 0), default=0, help="linear warm-up of the learning rate")
+    parser.add_argument("--weight-decay", type=number_in(float, 0), default=0.0)
     parser.add_argument("--max-steps", type=positive_int, default=1600,
                         help="the default fits 10 minutes on 2 CPU cores")
-    parser.add_argument("--ema-decay", type=float, default=0.9999,
+    parser.add_argument("--ema-decay", type=number_in(float, 0, 1), default=0.9999,
                         help="EMA decay, warmed up as min(decay, (1 + step) / (10 + step))")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns it off")
+    parser.add_argument("--grad-clip", type=number_in(float, 0), default=1.0, help="max gradient norm; 0 turns it off")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="autocast precision (default: bf16 on GPUs, fp32 on the CPU)")
     parser.add_argument("--grad-ckpt", action="store_true", help="recompute each block in the backward pass")
@@ -87,7 +87,7 @@ def parse_args(argv=None):
                         help="a checkpoint, a run folder (its newest checkpoint), or 'auto' (newest run "
                              "of this --model and --dataset)")
     parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: 0 on CPU, 4 on GPU)")
+    parser.add_argument("--num-workers", type=number_in(int, 0), default=None, help="data loader workers (default: 0 on CPU, 4 on GPU)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.txt)")
     return parser.parse_args(argv)
 
@@ -97,7 +97,19 @@ def parse_args(argv=None):
 #################################################################################
 
 def run_name(args):
-    return f"{args.model.replace('/', '-')}-{args.dataset}"
+    """<model>-<dataset>, with the mixer when it is attention and the frames when given: runs that
+    differ in what --resume must match have different names."""
+    mixer = "-attention" if args.mixer == "attention" else ""
+    frames = f"-{args.num_frames}f" if args.num_frames and args.num_frames > 1 else ""
+    return f"{args.model.replace('/', '-')}{mixer}-{args.dataset}{frames}"
+
+
+def numbered_runs(results_dir, name=None):
+    """{number: folder} of the run folders NNN-<name> (any name if None) in results_dir."""
+    if not os.path.isdir(results_dir):
+        return {}
+    found = (re.fullmatch(r"(\d+)-(.+)", d) for d in os.listdir(results_dir))
+    return {int(m[1]): os.path.join(results_dir, m[0]) for m in found if m and (name is None or m[2] == name)}
 
 
 def newest_checkpoint(run_dir):
@@ -108,17 +120,39 @@ def newest_checkpoint(run_dir):
 
 
 def find_resume(args):
-    """The checkpoint --resume names: a file, a run folder, or 'auto'."""
+    """The checkpoint --resume names: a file, a run folder, or 'auto' (the newest run of this name that
+    has a checkpoint)."""
     if args.resume == "auto":
-        runs = sorted(glob.glob(os.path.join(args.results_dir, f"[0-9][0-9][0-9]-{run_name(args)}")))
-        if not runs:
-            raise UserError(f"--resume auto: no run of {run_name(args)} in {args.results_dir}/")
-        return newest_checkpoint(runs[-1])
+        runs = numbered_runs(args.results_dir, run_name(args))
+        for number in sorted(runs, reverse=True):
+            if glob.glob(os.path.join(runs[number], "checkpoints", "*.pt")):
+                return newest_checkpoint(runs[number])
+        raise UserError(f"--resume auto: no run of {run_name(args)} with a checkpoint in {args.results_dir}/")
     if os.path.isdir(args.resume):
         return newest_checkpoint(args.resume)
     if not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume} does not exist")
     return args.resume
+
+
+def claim_run_dir(results_dir, name):
+    """A new run folder NNN-<name> (NNN one past the highest number there), with checkpoints/ inside.
+    makedirs without exist_ok claims it atomically: of two runs started together, the second takes
+    the next number instead of sharing the folder."""
+    try:
+        os.makedirs(results_dir, exist_ok=True)
+        number = max(numbered_runs(results_dir), default=-1) + 1
+        while True:
+            run_dir = os.path.join(results_dir, f"{number:03d}-{name}")
+            try:
+                os.makedirs(run_dir)
+                break
+            except FileExistsError:
+                number += 1
+        os.makedirs(os.path.join(run_dir, "checkpoints"))
+    except PermissionError as error:
+        raise UserError(f"--results-dir {results_dir}: cannot write there ({error.strerror})") from None
+    return run_dir
 
 
 def rng_states(world):
@@ -314,10 +348,7 @@ def train(args, rank, world, local_rank):
         if resume is not None:
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
         else:
-            os.makedirs(args.results_dir, exist_ok=True)
-            taken = [int(m.group(1)) for d in os.listdir(args.results_dir) if (m := re.match(r"(\d{3})-", d))]
-            run_dir = os.path.join(args.results_dir, f"{max(taken, default=-1) + 1:03d}-{run_name(args)}")
-            os.makedirs(os.path.join(run_dir, "checkpoints"))
+            run_dir = claim_run_dir(args.results_dir, run_name(args))
     log = Logger(run_dir)
     log(f"{'resumed at step ' + str(step) if step else 'started'}: {args.model} ({args.mixer}), "
         f"{model.num_params() / 1e6:.2f} M parameters, {model.gmacs():.3f} GMACs per sample, "

@@ -286,6 +286,63 @@ def test_counts_must_be_positive(capsys):
         assert f"argument {flag}: must be a positive integer, got -1" in capsys.readouterr().err
 
 
+def test_numbers_out_of_range_are_refused_before_any_work(capsys):
+    """A negative --grad-clip once turned training into gradient ascent, --cfg-scale nan drew black images,
+    and data.py extract --batch-size -2 wrote a cache of zeros marked complete."""
+    for flags, message in [(["--grad-clip", "-1"], "must be a number >= 0"), (["--lr", "0"], "must be a number > 0"),
+                           (["--num-workers", "-1"], "must be an integer >= 0"),
+                           (["--ema-decay", "1.5"], "must be a number >= 0 and <= 1"),
+                           (["--warmup-steps", "-3"], "must be an integer >= 0"), (["--lr", "nan"], "got nan"),
+                           (["--weight-decay", "x"], "expected a number, got 'x'")]:
+        with pytest.raises(SystemExit):
+            train.parse_args(flags)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--ckpt", "x.pt", "--cfg-scale", "nan"])
+    assert "--cfg-scale: must be a number >= 0, got nan" in capsys.readouterr().err
+    for flag in ("--batch-size", "--image-size", "--frame-interval"):
+        with pytest.raises(SystemExit):
+            data.main(["extract", "--dataset", "folder", "--data-path", "x", "--out", "y", flag, "0"])
+        assert f"{flag}: must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_run_folders_are_numbered_past_999_claimed_once_and_named_by_what_resume_matches(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    os.makedirs(results / "999-DiM-Ti-8-shapes")
+    os.makedirs(results / "1000-other")
+    first = run(tmp_path, "--max-steps", "1", "--sample-every", "100")["run_dir"]
+    assert os.path.basename(first) == "1001-DiM-Ti-8-shapes"
+    # a run started at the same moment saw the same numbers: it takes the next free one, not the same folder
+    monkeypatch.setattr(train, "numbered_runs", lambda folder, name=None: {1000: "x"})
+    second = run(tmp_path, "--max-steps", "1", "--sample-every", "100")["run_dir"]
+    assert os.path.basename(second) == "1002-DiM-Ti-8-shapes"
+    monkeypatch.undo()
+    attention = run(tmp_path, "--max-steps", "1", "--sample-every", "100", "--mixer", "attention")["run_dir"]
+    assert os.path.basename(attention) == "1003-DiM-Ti-8-attention-shapes"
+    os.makedirs(results / "1004-DiM-Ti-8-shapes" / "checkpoints")  # a run that saved nothing
+    resumed = run(tmp_path, "--max-steps", "2", "--sample-every", "100", "--resume", "auto")
+    assert resumed["run_dir"] == second and resumed["step"] == 2  # the newest of its name with a checkpoint
+
+
+def test_sampling_checks_its_output_device_and_checkpoint_before_the_work(tmp_path, monkeypatch):
+    ckpt = run(tmp_path, "--max-steps", "1", "--sample-every", "100")["checkpoint"]
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    for flags, message in [(["--out", str(tmp_path / "grid")], "name a file ending in .png"),
+                           (["--out", str(tmp_path)], "name a file ending in .png"),
+                           (["--device", "gpu"], "--device gpu: not a device torch knows"),
+                           (["--num-fid-samples", "4", "--out", str(tmp_path / "s.png")], "ending in .npz")]:
+        with pytest.raises(UserError, match=message):
+            sample.main(sample.parse_args(["--ckpt", ckpt, *flags]))
+    with pytest.raises(UserError, match="is a folder; pass a file"):
+        sample.main(sample.parse_args(["--ckpt", str(tmp_path)]))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_one_sampling_step_works(sampler):
+    samples = sample.generate(untrained_model(scan="parallel"), torch.tensor([0, 1]), sampler, 1, cfg_scale=2.0)
+    assert samples.shape == (2, 3, 16, 16) and torch.isfinite(samples).all()
+
+
 def test_bf16_autocast_trains_on_the_cpu(tmp_path):
     """--precision bf16 runs the whole step under autocast, the scan included (in fp32 inside)."""
     out = run(tmp_path, "--max-steps", "2", "--log-every", "1", "--precision", "bf16", "--scan", "parallel")
