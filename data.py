@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import re
+import socket
 import sys
 
 import numpy as np
@@ -38,6 +39,13 @@ SHAPE_CLASSES = [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS] 
 
 class UserError(Exception):
     """A problem with what the user asked for (a path, a flag, a file): printed without a traceback."""
+
+    def __init__(self, message):
+        # raised in a data loader worker, it comes back as one string holding the worker's traceback
+        # ("Caught UserError in DataLoader worker process 0 ..."): keep the message that ends it
+        if message.startswith("Caught UserError") and "UserError: " in message:
+            message = message.rsplit("UserError: ", 1)[1].strip()
+        super().__init__(message)
 
 
 def number_in(kind=float, low=None, high=None, low_open=False):
@@ -183,17 +191,69 @@ def check_image_folder(path):
     return classes
 
 
+def to_rgb(image):
+    """An RGB PIL image from any mode. 16- and 32-bit integer images are scaled by their range first:
+    PIL's convert("RGB") would clip them at 255, and a 16-bit PNG would come out washed out."""
+    if image.mode.startswith("I"):
+        array = np.asarray(image).astype(np.float64)
+        top = 255.0 if image.mode == "I" and array.max() <= 255 else 65535.0
+        return Image.fromarray((array / top * 255).clip(0, 255).round().astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+class Skipped:
+    """Which items of a data set could not be read, shared with data loader workers: an unreadable
+    item is read once, named on stderr, and then passed over (the next readable item stands in)."""
+
+    def __init__(self, size, kind):
+        self.flags, self.kind = multiprocessing.Array("b", size, lock=False), kind
+
+    def count(self):
+        return sum(self.flags)
+
+    def first_readable(self, i, read, paths, errors):
+        """read(j) of the first item j from i on (wrapping round) that reads without one of `errors`."""
+        for j in [*range(i, len(paths)), *range(i)]:
+            if self.flags[j]:
+                continue
+            try:
+                return j, read(j)
+            except errors as error:
+                self.flags[j] = 1
+                print(f"skipping unreadable {self.kind} {paths[j]} ({type(error).__name__}: {str(error)[:100]})",
+                      file=sys.stderr)
+        raise UserError(f"no {self.kind} of the data set could be read")
+
+
+class ImageFolderSkipping(torch.utils.data.Dataset):
+    """torchvision's ImageFolder, but a corrupt or empty image file is skipped and counted instead of
+    stopping the run: in a folder of a million images, one bad file should cost one image."""
+
+    def __init__(self, path, transform):
+        from torchvision import datasets
+
+        self.folder = datasets.ImageFolder(path, transform=transform)
+        self.classes, self.paths = self.folder.classes, [p for p, _ in self.folder.samples]
+        self.skipped = Skipped(len(self.paths), "image")
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        return self.skipped.first_readable(i, self.folder.__getitem__, self.paths, (OSError, ValueError, SyntaxError))[1]
+
+
 def image_folder(path, image_size):
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     check_image_folder(path)
     transform = transforms.Compose([
-        transforms.Lambda(lambda image: center_crop_arr(image.convert("RGB"), image_size)),
+        transforms.Lambda(lambda image: center_crop_arr(to_rgb(image), image_size)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),  # [0, 1] -> [-1, 1]
     ])
-    return datasets.ImageFolder(path, transform=transform)
+    return ImageFolderSkipping(path, transform)
 
 
 #################################################################################
@@ -221,12 +281,30 @@ def load_vae(name, device="cpu"):
     if name not in VAES and not os.path.isdir(name):
         raise UserError(f"--vae {name}: not a folder; use ema, mse, or a folder of VAE weights")
     try:
-        vae = diffusers.AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)
+        if name in VAES:  # the hub's copy: from its cache if it is there, else a download if there is a network
+            try:
+                vae = diffusers.AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False, local_files_only=True)
+            except Exception:
+                check_network("huggingface.co", source)
+                vae = diffusers.AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)
+        else:
+            vae = diffusers.AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)
+    except UserError:
+        raise
     except Exception as error:  # no network, no weights, a folder of something else
         raise UserError(f"could not load the VAE {source!r} ({type(error).__name__}: {str(error)[:200]}). "
                         "Without a network, save it elsewhere with AutoencoderKL.save_pretrained and "
                         "pass that folder as --vae") from None
     return vae.to(device).eval().requires_grad_(False)
+
+
+def check_network(host, what):
+    """A UserError at once when `host` cannot be reached, instead of a download's half-minute of retries."""
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        raise UserError(f"{what} is not in the local cache and {host} cannot be reached (no network?). On a "
+                        "machine with one, save it with AutoencoderKL.save_pretrained and pass that folder as --vae") from None
 
 
 @torch.no_grad()
@@ -346,7 +424,7 @@ class UCF101(torch.utils.data.Dataset):
         require("av", "decoding UCF-101 videos")
         self.paths, self.labels, self.classes = ucf101_videos(root, split)
         self.image_size, self.num_frames, self.frame_interval = image_size, num_frames, frame_interval
-        self.skipped = multiprocessing.Value("i", 0)  # shared with data loader workers
+        self.skipped = Skipped(len(self.paths), "video")
 
     def __len__(self):
         return len(self.paths)
@@ -354,17 +432,12 @@ class UCF101(torch.utils.data.Dataset):
     def __getitem__(self, i):
         av = require("av", "decoding UCF-101 videos")
         where, flip = torch.rand(()).item(), torch.rand(()).item() < 0.5
-        for j in [*range(i, len(self)), *range(i)]:
-            try:
-                wanted = clip_indices(frame_count(self.paths[j]), self.num_frames, self.frame_interval, where)
-                frames = read_frames(self.paths[j], self.image_size, wanted)   # (T, H, W, 3)
-                break
-            except (av.FFmpegError, OSError, ValueError, IndexError, KeyError) as error:
-                with self.skipped.get_lock():
-                    self.skipped.value += 1
-                print(f"skipping unreadable video {self.paths[j]} ({type(error).__name__})", file=sys.stderr)
-        else:
-            raise UserError("no video of the data set could be decoded")
+
+        def read(j):
+            wanted = clip_indices(frame_count(self.paths[j]), self.num_frames, self.frame_interval, where)
+            return read_frames(self.paths[j], self.image_size, wanted)                 # (T, H, W, 3)
+        j, frames = self.skipped.first_readable(i, read, self.paths,
+                                                (av.FFmpegError, OSError, ValueError, IndexError, KeyError))
         clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1  # (T, 3, H, W)
         return (clip.flip(-1) if flip else clip), self.labels[j]
 
@@ -380,9 +453,12 @@ def read_meta(path, dataset):
     meta_file = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_file):
         raise UserError(f"--data-path {path} holds no latent cache (meta.json): build one with {build}")
-    with open(meta_file) as f:
-        meta = json.load(f)
-    if meta.get("dataset") != dataset:
+    try:
+        with open(meta_file) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{meta_file} is unreadable ({type(error).__name__}): extract again into a new --out") from None
+    if not isinstance(meta, dict) or meta.get("dataset") != dataset:
         raise UserError(f"{path} is a latent cache of {meta.get('dataset')}, not of {dataset}")
     if not meta.get("complete"):
         raise UserError(f"the extraction into {path} has not finished: run the same python data.py extract again")
@@ -401,10 +477,17 @@ class LatentDataset(torch.utils.data.Dataset):
         if num_frames > 1 and frame_interval != self.meta["frame_interval"]:
             raise UserError(f"{path} stores every {self.meta['frame_interval']}th frame: "
                             f"use --frame-interval {self.meta['frame_interval']}")
-        self.latents = np.load(os.path.join(path, "latents.npy"), mmap_mode="r")
-        self.index = np.load(os.path.join(path, "index.npy"))
+        try:
+            self.latents = np.load(os.path.join(path, "latents.npy"), mmap_mode="r")
+            self.index = np.load(os.path.join(path, "index.npy"))
+            self.labels = np.load(os.path.join(path, "labels.npy"))
+        except (OSError, ValueError) as error:  # missing, or shorter than its header says
+            raise UserError(f"the latent cache {path} is damaged ({type(error).__name__}: {str(error)[:120]}): "
+                            "extract again into a new --out") from None
+        rows = int(self.index.sum(axis=1).max()) if len(self.index) else 0                 # first + count
+        if len(self.labels) != len(self.index) or len(self.latents) < rows:
+            raise UserError(f"the latent cache {path} is damaged (its arrays disagree in length): extract again")
         self.items = np.nonzero(self.index[:, 1] > 0)[0]                   # readable items only
-        self.labels = np.load(os.path.join(path, "labels.npy"))
         self.num_frames = num_frames
 
     def __len__(self):
@@ -447,6 +530,8 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
                 latent_size=image_size // 8, channels=4, vae=vae, scale=LATENT_SCALE, class_names=classes,
                 items=len(sources), split=split, frame_interval=frame_interval if dataset == "ucf101" else 1,
                 batch_size=batch_size, complete=False)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file; the latent cache is a folder: choose another --out")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     vae_model = load_vae(vae, device)
     distributed = dist.is_available() and dist.is_initialized()
@@ -459,6 +544,8 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
         if changed:
             raise UserError(f"{out} holds another extraction (it differs in {', '.join(changed)}): "
                             "choose another --out")
+        if rank == 0 and not os.path.isfile(os.path.join(out, "unreadable.npy")):  # begun by an older data.py
+            np.save(os.path.join(out, "unreadable.npy"), np.zeros(len(sources), dtype=np.uint8))
     elif rank == 0:
         if counts is None:
             counts = []
@@ -473,6 +560,7 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
         np.lib.format.open_memmap(os.path.join(out, "latents.npy"), "w+", np.float16,
                                   (max(1, sum(counts)), 2, 4, image_size // 8, image_size // 8)).flush()
         np.save(os.path.join(out, "done.npy"), np.zeros(len(units), dtype=np.uint8))
+        np.save(os.path.join(out, "unreadable.npy"), np.zeros(len(sources), dtype=np.uint8))
         write_json(meta_file, meta)
     if distributed:
         dist.barrier()  # rank 0 has laid out the files
@@ -480,19 +568,22 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
     latents = np.load(os.path.join(out, "latents.npy"), mmap_mode="r+")
     index = np.load(os.path.join(out, "index.npy"))
     done = np.load(os.path.join(out, "done.npy"), mmap_mode="r+")
+    unreadable = np.load(os.path.join(out, "unreadable.npy"), mmap_mode="r+")  # items left out at the end
     mine = [u for u in range(rank, len(units), world) if not done[u]]
     for u in tqdm(mine, desc=f"extracting {dataset} (rank {rank})", disable=not progress):
         if dataset != "ucf101":
-            images = [np.array(center_crop_arr(Image.open(sources[i]).convert("RGB"), image_size)) for i in units[u]]
+            images = [read_image(sources[i], image_size, unreadable, i) for i in units[u]]
             pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)     # (n, 3, H, W) uint8
             rows = index[units[u], 0]
         else:
             first, count = index[units[u][0]]
             try:
                 pixels = torch.from_numpy(read_frames(sources[units[u][0]], image_size, every=frame_interval))
-            except Exception as error:  # marked 2: finished, unreadable
+            except Exception as error:  # finished, unreadable: no rows at the end
                 print(f"skipping unreadable video {sources[units[u][0]]} ({type(error).__name__})", file=sys.stderr)
-                done[u] = 2
+                unreadable[units[u][0]] = 1
+                unreadable.flush()
+                done[u] = 1
                 done.flush()
                 continue
             pixels = pixels[:count].permute(0, 3, 1, 2)                        # (n, 3, H, W) uint8
@@ -504,17 +595,31 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
             z = encode(vae_model, torch.cat([x, x.flip(-1)]), [*(2 * r), *(2 * r + 1)])  # (2n, 4, h, w)
             latents[r] = z.view(2, len(r), *z.shape[1:]).transpose(0, 1).cpu().numpy().astype(np.float16)
         latents.flush()
+        unreadable.flush()
         done[u] = 1
         done.flush()
     if distributed:
         dist.barrier()  # every rank has finished its units
     done = np.load(os.path.join(out, "done.npy"))
     if (rank == 0 or not distributed) and done.all():
-        index[[units[u][0] for u in np.nonzero(done == 2)[0]], 1] = 0  # undecodable videos: no rows, skipped
+        bad = np.nonzero(np.load(os.path.join(out, "unreadable.npy")))[0]
+        index[bad, 1] = 0  # unreadable images and videos: no rows, passed over by LatentDataset
         np.save(os.path.join(out, "index.npy"), index)
         write_json(meta_file, {**meta, "complete": True})
-        print(f"{out}: {len(sources)} items, {(done == 2).sum()} unreadable and left out")
+        print(f"{out}: {len(sources)} items, {len(bad)} unreadable and left out"
+              + (f" (first: {sources[bad[0]]})" if len(bad) else ""))
     return out
+
+
+def read_image(path, image_size, unreadable, item):
+    """uint8 (image_size, image_size, 3) of an image file, DiT's crop; black for a file that cannot be
+    read, which is then marked in `unreadable` (and named on stderr)."""
+    try:
+        return np.array(center_crop_arr(to_rgb(Image.open(path)), image_size))
+    except (OSError, ValueError, SyntaxError) as error:
+        print(f"skipping unreadable image {path} ({type(error).__name__})", file=sys.stderr)
+        unreadable[item] = 1
+        return np.zeros((image_size, image_size, 3), dtype=np.uint8)
 
 
 def write_json(path, value):

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data import COLOURS, IMAGE_EXTENSIONS, SHAPES, UserError, judge, make_dataset, positive_int, require
+from data import COLOURS, IMAGE_EXTENSIONS, SHAPES, UserError, judge, make_dataset, positive_int, require, to_rgb
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
@@ -76,7 +76,7 @@ def load_pixels(path, what="samples"):
                        if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise UserError(f"{what} {path}: a folder without images ({', '.join(IMAGE_EXTENSIONS)})")
-        images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        images = [np.asarray(to_rgb(Image.open(f))) for f in files]
         if len({image.shape for image in images}) > 1:
             raise UserError(f"{what} {path}: the images are not all of one size")
         return np.stack(images)

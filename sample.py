@@ -44,9 +44,24 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a torch file, or one holding more than plain types
         raise UserError(f"{path} is not a DiM checkpoint ({type(error).__name__}: {str(error)[:200]})") from None
-    if not isinstance(ckpt, dict) or not {"model", "ema", "args", "step"} <= set(ckpt):
-        raise UserError(f"{path} is not a DiM checkpoint (expected the keys model, ema, opt, args, step)")
+    keys = {"model", "ema", "args", "step", "data_info"}
+    if not isinstance(ckpt, dict) or not keys <= set(ckpt):
+        missing = ", ".join(sorted(keys - set(ckpt))) if isinstance(ckpt, dict) else "all"
+        raise UserError(f"{path} is not a DiM checkpoint of train.py (missing: {missing})")
+    missing = [k for k in ("model", "image_size", "num_frames", "mixer", "dataset") if k not in ckpt["args"]] + \
+        [k for k in ("channels", "num_classes") if k not in ckpt["data_info"]]
+    if missing:
+        raise UserError(f"{path} is damaged or from another program: its args / data_info lack {', '.join(missing)}")
     return ckpt
+
+
+def load_weights(module, state, path, what="model"):
+    """module.load_state_dict(state), or a UserError naming the checkpoint and what does not fit."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UserError(f"the {what} weights of {path} do not fit the model its arguments describe "
+                        f"({str(error).splitlines()[0][:200]}...)") from None
 
 
 def check_device(device):
@@ -349,7 +364,7 @@ def sample(args, rank=0, world=1, local_rank=0):
         raise UserError("torchrun shares the work of --num-fid-samples; a grid is drawn by one process")
     args.precision = precision_for(args.precision, device)
     model = model_from_args(dict(train_args, scan=args.scan), info)
-    model.load_state_dict(ckpt["model" if args.no_ema else "ema"])
+    load_weights(model, ckpt["model" if args.no_ema else "ema"], args.ckpt)
     model.to(device).eval()
     num_classes = info["num_classes"]
     if args.num_fid_samples:

@@ -19,7 +19,10 @@ import glob
 import math
 import os
 import re
+import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -32,8 +35,8 @@ from data import DATASETS, UserError, make_dataset, number_in
 from diffusion import Diffusion
 from evaluate import TrainingFID
 from dim import PRESETS
-from sample import (check_scan_backend, generate, load_checkpoint, model_from_args, positive_int, precision_for,
-                    process_group, save_samples, to_pixels)
+from sample import (check_scan_backend, generate, load_checkpoint, load_weights, model_from_args, positive_int,
+                    precision_for, process_group, save_samples, to_pixels)
 from scan import BACKENDS
 
 ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must match to resume
@@ -89,7 +92,29 @@ def parse_args(argv=None):
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--num-workers", type=number_in(int, 0), default=None, help="data loader workers (default: 0 on CPU, 4 on GPU)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.txt)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for action in parser._actions:  # parse again without defaults: what remains is what the user gave
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(parser.parse_args(argv)))
+    return args
+
+
+NOT_INHERITED = {"resume", "results_dir", "no_progress", "num_workers", "given", "scan"}  # this session's choices
+
+
+def inherit_flags(args, old):
+    """On --resume, the run's own flags replace the defaults of those the user did not give now, so that
+    `--resume auto` continues the run as it was; returns what the user changed, to be logged."""
+    given = set(getattr(args, "given", vars(args)))
+    changed = []
+    for key, value in old.items():
+        if key in NOT_INHERITED or not hasattr(args, key) or getattr(args, key) == value:
+            continue
+        if key in given:
+            changed.append(f"--{key.replace('_', '-')} {getattr(args, key)} (the run had {value})")
+        else:
+            setattr(args, key, value)
+    return changed
 
 
 #################################################################################
@@ -174,8 +199,16 @@ def save_checkpoint(path, model, ema, opt, args, step, info, rng):
                 step=step, data_info=info, rng=rng)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = path + ".tmp"
-    torch.save(ckpt, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(ckpt, temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # a full disk comes back as a RuntimeError from the zip writer
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        full = getattr(error, "errno", None) == 28 or any(
+            sign in str(error) for sign in ("No space left", "file write failed"))  # torch's zip writer's words
+        reason = "disk full" if full else str(error).splitlines()[0][:200]
+        raise UserError(f"could not write the checkpoint {path} ({reason}); the earlier checkpoints are intact") from None
 
 
 class Logger:
@@ -303,15 +336,27 @@ def train(args, rank, world, local_rank):
     # --- checks that need no work, then the data and the model --------------------------------
     resume_path = find_resume(args) if args.resume else None
     resume = load_checkpoint(resume_path) if resume_path else None
+    changed = inherit_flags(args, resume["args"]) if resume is not None else []
     dataset, info = make_dataset(args.dataset, args.data_path, args.image_size, args.num_frames, args.global_seed,
                                  args.frame_interval, args.split)
     args.image_size, args.num_frames = info["image_size"], info["num_frames"]  # the data set's defaults
+    info = dict(info, items=len(dataset), source=os.path.abspath(args.data_path) if args.data_path else None)
     if resume is not None:
         old = resume["args"]
         different = [f"--{k.replace('_', '-')} {old[k]} (checkpoint) vs {getattr(args, k)} (now)"
                      for k in ARCHITECTURE if old.get(k) != getattr(args, k)]
         if different:
             raise UserError("--resume: the checkpoint is of another model or data set: " + "; ".join(different))
+        differs = [k for k in ("source", "items", "num_classes", "class_names")
+                   if k in resume["data_info"] and resume["data_info"][k] != info[k]]
+        if differs:
+            shown = {k: (resume["data_info"][k], info[k]) for k in differs if k != "class_names"}
+            raise UserError("--resume: the data differs from the run's (" + ", ".join(
+                f"{k}: {a} then, {b} now" for k, (a, b) in shown.items()) + (", other class names" if
+                "class_names" in differs else "") + "); resuming would not continue the same run: start a new one")
+        if resume["step"] >= args.max_steps:
+            raise UserError(f"--resume: {resume_path} is at step {resume['step']}, and --max-steps is "
+                            f"{args.max_steps}: nothing to train; give a larger --max-steps")
     if len(dataset) < args.global_batch_size:
         raise UserError(f"the data set has {len(dataset)} items, fewer than --global-batch-size {args.global_batch_size}")
     torch.manual_seed(args.global_seed)  # the same initial weights on every rank and every run
@@ -327,9 +372,9 @@ def train(args, rank, world, local_rank):
 
     step = 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        ema.load_state_dict(resume["ema"])
-        opt.load_state_dict(resume["opt"])
+        load_weights(model, resume["model"], resume_path)
+        load_weights(ema, resume["ema"], resume_path, "EMA")
+        load_weights(opt, resume.get("opt", {}), resume_path, "optimizer")
         step = resume["step"]
         if len(resume["rng"]) == world:
             torch.random.set_rng_state(resume["rng"][rank]["torch"])
@@ -343,94 +388,145 @@ def train(args, rank, world, local_rank):
         if world > 1 else model
 
     # --- the run folder (rank 0 writes; resuming continues the same folder) --------------------
-    run_dir = None
-    if rank == 0:
-        if resume is not None:
-            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
-        else:
-            run_dir = claim_run_dir(args.results_dir, run_name(args))
+    run_dir, new_run = None, resume is None or not is_run_checkpoint(resume_path)
+    if rank == 0:  # a checkpoint from elsewhere (copied, downloaded) continues in a new run folder
+        run_dir = claim_run_dir(args.results_dir, run_name(args)) if new_run else \
+            os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
     log = Logger(run_dir)
     log(f"{'resumed at step ' + str(step) if step else 'started'}: {args.model} ({args.mixer}), "
         f"{model.num_params() / 1e6:.2f} M parameters, {model.gmacs():.3f} GMACs per sample, "
-        f"{len(dataset)} items of {args.dataset}, {world} rank(s) on {device.type}, {precision}")
+        f"{len(dataset)} items of {args.dataset}, {world} rank(s) on {device.type}, {precision}"
+        + (f", from {resume_path}" if resume is not None and new_run else "")
+        + (f"; changed from the run: {', '.join(changed)}" if changed else ""))
+    interrupted, first_step = None, step
+    try:
+        # --- the loop ------------------------------------------------------------------------------
+        steps_per_epoch = len(dataset) // args.global_batch_size
+        workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
+        data = batches(dataset, local_batch, rank, world, args.global_seed, step, steps_per_epoch, workers)
+        # the cast-weight cache off: CUDA graphs need it, and one forward casts each weight once anyway
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False)
+        model.train()
+        if args.cuda_graphs:
+            ddp = graphed(model, local_batch, autocast)
+        bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0 or args.no_progress, desc="training")
+        losses, norms, last_time, last_step = [], [], time.time(), step
+        last_checkpoint = None
+        interrupted = GracefulStop() if world == 1 else None  # under torchrun, Ctrl-C stops every rank at once
+        while step < args.max_steps:
+            x, y = next(data)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+            with autocast:
+                loss = diffusion.training_losses(lambda xt, tt: ddp(xt, tt, y).float(), x, t)["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(args, step)
+            opt.step()
+            update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            bar.update(1)
+            losses.append(loss.detach())
+            norms.append(norm.detach())
+            last = step == args.max_steps or (interrupted is not None and interrupted.is_set())
+            log_now, sample_now, save_now, eval_now = (
+                last or (every is not None and step % every == 0)
+                for every in (args.log_every, args.sample_every, args.ckpt_every, args.eval_every))
+            if log_now or sample_now or save_now or eval_now:  # before anything is logged, sampled or saved
+                stop_if_not_finite(losses, step, last_checkpoint or resume_path)
 
-    # --- the loop ------------------------------------------------------------------------------
-    steps_per_epoch = len(dataset) // args.global_batch_size
-    workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
-    data = batches(dataset, local_batch, rank, world, args.global_seed, step, steps_per_epoch, workers)
-    # the cast-weight cache off: CUDA graphs need it, and one forward casts each weight once anyway
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False)
-    model.train()
-    if args.cuda_graphs:
-        ddp = graphed(model, local_batch, autocast)
-    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0 or args.no_progress, desc="training")
-    losses, norms, last_time, last_step = [], [], time.time(), step
-    last_checkpoint = None
-    while step < args.max_steps:
-        x, y = next(data)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-        with autocast:
-            loss = diffusion.training_losses(lambda xt, tt: ddp(xt, tt, y).float(), x, t)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(args, step)
-        opt.step()
-        update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        bar.update(1)
-        losses.append(loss.detach())
-        norms.append(norm.detach())
-        last = step == args.max_steps
-        log_now, sample_now, save_now, eval_now = (
-            last or (every is not None and step % every == 0)
-            for every in (args.log_every, args.sample_every, args.ckpt_every, args.eval_every))
-        if log_now or sample_now or save_now or eval_now:  # before anything is logged, sampled or saved
-            stop_if_not_finite(losses, step, last_checkpoint or resume_path)
+            if log_now:
+                mean_loss = torch.stack(losses).mean()
+                if world > 1:
+                    dist.all_reduce(mean_loss)
+                    mean_loss /= world
+                rate = (step - last_step) / (time.time() - last_time)
+                skipped = dataset.skipped.count() if hasattr(dataset, "skipped") else 0
+                log(f"step {step:7d}  loss {mean_loss.item():.4f}  steps/s {rate:.2f}  "
+                    f"grad_norm {torch.stack(norms).mean().item():.3f}  lr {opt.param_groups[0]['lr']:.2e}"
+                    + (f"  ({skipped} unreadable {dataset.skipped.kind}s skipped so far)" if skipped else ""))
+                bar.set_postfix(loss=f"{mean_loss.item():.4f}")
+                losses, norms, last_time, last_step = [], [], time.time(), step
+            if save_now:  # first: a sample grid or an evaluation that fails must not cost the checkpoint
+                rng = rng_states(world)
+                if rank == 0:
+                    last_checkpoint = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+                    save_checkpoint(last_checkpoint, model, ema, opt, args, step, info, rng)
+                    log(f"step {step:7d}  checkpoint {last_checkpoint}")
+            if interrupted is not None and interrupted.is_set():
+                raise UserError(f"interrupted at step {step}; the checkpoint {last_checkpoint} holds it: "
+                                f"python train.py --resume {run_dir} carries on")
+            if rank == 0 and sample_now:
+                try:  # a grid that fails (a VAE folder gone, a full disk) is logged; the run goes on
+                    path = sample_grid(ema, info, args, step, precision, run_dir)
+                    log(f"step {step:7d}  samples (EMA, DDIM 50, guidance 4) in {path}")
+                except Exception as error:
+                    log(f"step {step:7d}  no sample grid: {type(error).__name__}: {str(error)[:300]}")
+            if evaluate_fid is not None and eval_now:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    score = evaluate_fid(ema, precision)
+                log(f"step {step:7d}  FID {score:.3f} of {args.eval_samples} EMA samples (DDIM 50, guidance 1.5) "
+                    f"against {min(args.eval_samples, len(dataset))} training items")
+        bar.close()
 
-        if log_now:
-            mean_loss = torch.stack(losses).mean()
-            if world > 1:
-                dist.all_reduce(mean_loss)
-                mean_loss /= world
-            rate = (step - last_step) / (time.time() - last_time)
-            skipped = getattr(getattr(dataset, "skipped", None), "value", 0)
-            log(f"step {step:7d}  loss {mean_loss.item():.4f}  steps/s {rate:.2f}  "
-                f"grad_norm {torch.stack(norms).mean().item():.3f}  lr {opt.param_groups[0]['lr']:.2e}"
-                + (f"  ({skipped} unreadable videos skipped so far)" if skipped else ""))
-            bar.set_postfix(loss=f"{mean_loss.item():.4f}")
-            losses, norms, last_time, last_step = [], [], time.time(), step
-        if save_now:  # first: a sample grid or an evaluation that fails must not cost the checkpoint
-            rng = rng_states(world)
-            if rank == 0:
-                last_checkpoint = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-                save_checkpoint(last_checkpoint, model, ema, opt, args, step, info, rng)
-                log(f"step {step:7d}  checkpoint {last_checkpoint}")
-        if rank == 0 and sample_now:
-            per_class = max(1, (36 if args.num_frames == 1 else 12) // info["num_classes"])  # clips cost T times more
-            labels = torch.arange(info["num_classes"]).repeat(per_class)
-            samples = generate(ema, labels, "ddim", 50, cfg_scale=4.0, seed=args.global_seed, precision=precision)
-            samples = to_pixels(samples, info)
-            path = save_samples(samples, os.path.join(run_dir, "samples", f"{step:07d}.{'gif' if args.num_frames > 1 else 'png'}"),
-                                columns=info["num_classes"])
-            log(f"step {step:7d}  samples (EMA, DDIM 50, guidance 4) in {path}")
-        if evaluate_fid is not None and eval_now:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                score = evaluate_fid(ema, precision)
-            log(f"step {step:7d}  FID {score:.3f} of {args.eval_samples} EMA samples (DDIM 50, guidance 1.5) "
-                f"against {min(args.eval_samples, len(dataset))} training items")
-    bar.close()
+        if world > 1:  # DDP keeps the replicas equal; prove it
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+            reference = flat.clone()
+            dist.broadcast(reference, 0)
+            difference = (flat - reference).abs().max()
+            dist.all_reduce(difference, op=dist.ReduceOp.MAX)
+            log(f"weights identical on all {world} ranks: {difference.item() == 0}")
+        return dict(run_dir=run_dir, step=step, model=model, ema=ema, checkpoint=last_checkpoint)
+    except BaseException as error:
+        if rank == 0 and new_run and step == first_step:
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before its first step: leave no empty run behind
+        elif rank == 0:  # log.txt ends with why the run stopped
+            log(f"stopped: {error if isinstance(error, UserError) else type(error).__name__ + ': ' + str(error)}")
+        raise
+    finally:
+        if interrupted is not None:
+            interrupted.restore()
 
-    if world > 1:  # DDP keeps the replicas equal; prove it
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        reference = flat.clone()
-        dist.broadcast(reference, 0)
-        difference = (flat - reference).abs().max()
-        dist.all_reduce(difference, op=dist.ReduceOp.MAX)
-        log(f"weights identical on all {world} ranks: {difference.item() == 0}")
-    return dict(run_dir=run_dir, step=step, model=model, ema=ema, checkpoint=last_checkpoint)
+
+def sample_grid(ema, info, args, step, precision, run_dir):
+    """The periodic EMA grid: a column per class, DDIM 50 with guidance 4; returns its path."""
+    per_class = max(1, (36 if args.num_frames == 1 else 12) // info["num_classes"])  # clips cost T times more
+    labels = torch.arange(info["num_classes"]).repeat(per_class)
+    samples = to_pixels(generate(ema, labels, "ddim", 50, cfg_scale=4.0, seed=args.global_seed, precision=precision), info)
+    return save_samples(samples, os.path.join(run_dir, "samples", f"{step:07d}.{'gif' if args.num_frames > 1 else 'png'}"),
+                        columns=info["num_classes"])
+
+
+class GracefulStop:
+    """Ctrl-C sets this event instead of raising mid-step: the loop then saves a checkpoint of the last
+    whole step and stops with one line. A second Ctrl-C interrupts at once. restore() puts back the
+    handler there was (only the main thread may set one; elsewhere this does nothing)."""
+
+    def __init__(self):
+        self.event, self.previous = threading.Event(), None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+
+    def is_set(self):
+        return self.event.is_set()
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def is_run_checkpoint(path):
+    """Whether path is RUN/checkpoints/NNNNNNN.pt of a run folder train.py made (RUN/log.txt beside)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    return os.path.basename(parent) == "checkpoints" and os.path.isfile(os.path.join(os.path.dirname(parent), "log.txt"))
+
 
 
 if __name__ == "__main__":

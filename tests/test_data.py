@@ -221,7 +221,7 @@ def test_ucf101_clip_sampler_picks_the_right_frames(ucf_root):
 
     corrupt = names.index("v_Basketball_g09_c01.avi")
     clip, label = dataset[corrupt]  # skipped: the next video (in order, wrapping) is read instead
-    assert dataset.skipped.value == 1 and clip.shape == (4, 3, 16, 16)
+    assert dataset.skipped.count() == 1 and clip.shape == (4, 3, 16, 16)
     assert label == dataset.labels[(corrupt + 1) % len(dataset)]
 
 

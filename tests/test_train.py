@@ -366,6 +366,8 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "results" / "000-DiM-Ti-8-shapes" / "checkpoints" / "0000002.pt"
     assert sample.load_checkpoint(str(path))["step"] == 2
     assert os.listdir(path.parent) == ["0000002.pt"]
+    with open(path.parent.parent / "log.txt") as f:
+        assert f.read().splitlines()[-1].startswith("stopped: the loss is nan at step 3")  # the log says why
 
 
 def test_shapes_judge_is_right_on_real_images():
