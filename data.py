@@ -71,6 +71,17 @@ def number_in(kind=float, low=None, high=None, low_open=False):
 positive_int = number_in(int, 1)  # counts: steps, samples, sizes, frames
 
 
+def run_script(main, parse_args=None):
+    """The command-line entry of each script: main(parse_args()), and a UserError as one line on stderr
+    and exit status 1, printed by rank 0 alone under torchrun (every rank meets the same error)."""
+    try:
+        main(parse_args()) if parse_args else main()
+    except UserError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
 #################################################################################
 #                           shapes: generated in memory                         #
 #################################################################################
@@ -155,6 +166,25 @@ def judge(images):
     return torch.tensor(labels)
 
 
+def judge_report(samples, labels):
+    """What `judge` says of samples drawn for `labels`: dict(accuracy=the class right, then for each
+    colour and each shape the fraction of the samples asked for it that show it)."""
+    judged, labels = judge(samples), torch.as_tensor(labels).long()              # (N,) class or -1
+    result = dict(accuracy=(judged == labels).float().mean().item())
+    drawn, colours = judged >= 0, len(COLOURS)
+    for i, colour in enumerate(COLOURS):
+        result[colour] = (drawn & (judged % colours == i))[labels % colours == i].float().mean().item()
+    for i, shape in enumerate(SHAPES):
+        result[shape] = (drawn & (judged // colours == i))[labels // colours == i].float().mean().item()
+    return result
+
+
+def describe_judgement(result):
+    """judge_report's numbers in one line (a class never asked for shows as nan)."""
+    return (f"class right {result['accuracy']:.3f}; colour right: " + ", ".join(f"{c} {result[c]:.3f}" for c in COLOURS)
+            + "; shape right: " + ", ".join(f"{s} {result[s]:.3f}" for s in SHAPES))
+
+
 #################################################################################
 #                         folder: any ImageFolder tree                          #
 #################################################################################
@@ -209,7 +239,12 @@ class Skipped:
         self.flags, self.kind = multiprocessing.Array("b", size, lock=False), kind
 
     def count(self):
-        return sum(self.flags)
+        return int(np.frombuffer(self.flags, dtype=np.int8).sum())
+
+    def first(self, paths):
+        """The path of the first unreadable item (None if there is none)."""
+        found = np.frombuffer(self.flags, dtype=np.int8).nonzero()[0]
+        return paths[found[0]] if len(found) else None
 
     def first_readable(self, i, read, paths, errors):
         """read(j) of the first item j from i on (wrapping round) that reads without one of `errors`."""
@@ -708,7 +743,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        sys.exit(f"error: {error}")
+    run_script(main)

@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data import COLOURS, IMAGE_EXTENSIONS, SHAPES, UserError, judge, make_dataset, positive_int, require, to_rgb
+from data import (IMAGE_EXTENSIONS, UserError, describe_judgement, judge_report, make_dataset, positive_int, require,
+                  run_script, to_rgb)
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
@@ -239,15 +240,8 @@ def judge_samples(path):
         raise UserError(f"samples {path} have no labels (arr_1): judge needs sample.py --num-fid-samples output")
     pixels = torch.from_numpy(check_pixels(arrays["arr_0"], f"samples {path}")).movedim(-1, -3).float() / 127.5 - 1
     labels = torch.from_numpy(arrays["arr_1"]).long()
-    judged = judge(pixels)                                                      # (N,) class or -1
-    result = dict(accuracy=(judged == labels).float().mean().item())
-    drawn, colours = judged >= 0, len(COLOURS)
-    for i, colour in enumerate(COLOURS):
-        result[colour] = (drawn & (judged % colours == i))[labels % colours == i].float().mean().item()
-    for i, shape in enumerate(SHAPES):
-        result[shape] = (drawn & (judged // colours == i))[labels // colours == i].float().mean().item()
-    print(f"judged accuracy {result['accuracy']:.3f} of {len(labels)} samples; right colour / shape: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "accuracy"))
+    result = judge_report(pixels, labels)
+    print(f"judged {len(labels)} samples of {path}: {describe_judgement(result)}")
     return result
 
 
@@ -388,7 +382,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as error:
-        sys.exit(f"error: {error}")
+    run_script(main, parse_args)

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data import SHAPE_CLASSES, UserError, decode, judge, load_vae, number_in, positive_int, require
+from data import (UserError, decode, describe_judgement, judge_report, load_vae, number_in, positive_int, require,
+                  run_script)
 from diffusion import Diffusion, guided
 from dim import build_model
 from scan import BACKENDS, triton_available
@@ -394,14 +395,10 @@ def sample(args, rank=0, world=1, local_rank=0):
     print(f"wrote {len(labels)} {'clips' if video else 'images'} to {out}")
     result = dict(path=out, samples=samples, labels=labels)
     if args.judge:
-        result["accuracy"] = (judge(samples) == labels).float().mean().item()
-        print(f"judged accuracy: {result['accuracy']:.3f} of samples show the requested class "
-              f"({', '.join(SHAPE_CLASSES)})")
+        result.update(judge_report(samples, labels))
+        print(f"judged {len(labels)} samples: {describe_judgement(result)}")
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as error:
-        sys.exit(f"error: {error}")
+    run_script(main, parse_args)

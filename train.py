@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from data import DATASETS, UserError, make_dataset, number_in
+from data import DATASETS, UserError, make_dataset, number_in, run_script
 from diffusion import Diffusion
 from evaluate import TrainingFID
 from dim import PRESETS
@@ -446,7 +446,8 @@ def train(args, rank, world, local_rank):
                 skipped = dataset.skipped.count() if hasattr(dataset, "skipped") else 0
                 log(f"step {step:7d}  loss {mean_loss.item():.4f}  steps/s {rate:.2f}  "
                     f"grad_norm {torch.stack(norms).mean().item():.3f}  lr {opt.param_groups[0]['lr']:.2e}"
-                    + (f"  ({skipped} unreadable {dataset.skipped.kind}s skipped so far)" if skipped else ""))
+                    + (f"  ({skipped} unreadable {dataset.skipped.kind}s skipped so far, the first "
+                       f"{dataset.skipped.first(dataset.paths)})" if skipped else ""))
                 bar.set_postfix(loss=f"{mean_loss.item():.4f}")
                 losses, norms, last_time, last_step = [], [], time.time(), step
             if save_now:  # first: a sample grid or an evaluation that fails must not cost the checkpoint
@@ -465,10 +466,13 @@ def train(args, rank, world, local_rank):
                 except Exception as error:
                     log(f"step {step:7d}  no sample grid: {type(error).__name__}: {str(error)[:300]}")
             if evaluate_fid is not None and eval_now:
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    score = evaluate_fid(ema, precision)
-                log(f"step {step:7d}  FID {score:.3f} of {args.eval_samples} EMA samples (DDIM 50, guidance 1.5) "
-                    f"against {min(args.eval_samples, len(dataset))} training items")
+                try:  # like a grid: logged if it fails, and the run goes on
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        score = evaluate_fid(ema, precision)
+                    log(f"step {step:7d}  FID {score:.3f} of {args.eval_samples} EMA samples (DDIM 50, guidance 1.5) "
+                        f"against {min(args.eval_samples, len(dataset))} training items")
+                except Exception as error:
+                    log(f"step {step:7d}  no FID: {type(error).__name__}: {str(error)[:300]}")
         bar.close()
 
         if world > 1:  # DDP keeps the replicas equal; prove it
@@ -530,7 +534,4 @@ def is_run_checkpoint(path):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as error:
-        sys.exit(f"error: {error}")
+    run_script(main, parse_args)

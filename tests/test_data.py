@@ -5,6 +5,7 @@ their own index (in their brightness) and their orientation (a bright bar on the
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -132,6 +133,16 @@ def test_interrupted_and_sharded_extractions_give_the_same_array(image_tree, vae
         data.extract("imagenet", image_tree, str(tmp_path / "c"), 64, vae_dir, batch_size=4, progress=False)
 
 
+def test_extraction_skips_a_corrupt_image_and_a_rerun_finishes(image_tree, vae_dir, tmp_path):
+    """One bad file among a million must not stop every rerun at the same place: it is left out and named."""
+    tree = tmp_path / "tree"
+    shutil.copytree(image_tree, tree)
+    (tree / "n01440764" / "broken.JPEG").write_bytes(b"")
+    out = extract_images(str(tree), vae_dir, tmp_path / "cache")
+    dataset, _ = data.make_dataset("imagenet", out)
+    assert len(dataset) == 10 and np.load(os.path.join(out, "unreadable.npy")).sum() == 1
+
+
 def test_extraction_under_torchrun_shares_the_work(image_tree, vae_dir, tmp_path):
     reference = np.load(os.path.join(extract_images(image_tree, vae_dir, tmp_path / "one"), "latents.npy"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -252,7 +263,7 @@ def test_ucf101_training_then_gif_and_mp4(ucf_root, tmp_path):
                                           "--image-size", "16", "--max-steps", "2", "--global-batch-size", "4",
                                           "--log-every", "1", "--no-progress", "--results-dir", str(tmp_path / "runs")]))
     with open(os.path.join(result["run_dir"], "log.txt")) as f:
-        assert "(1 unreadable videos skipped so far)" in f.read()  # 8 of the 5 videos read: the corrupt one too
+        assert "(1 unreadable videos skipped so far, the first " in f.read()  # 8 of the 5 videos read: the corrupt one too
     ckpt = torch.load(result["checkpoint"], weights_only=True)
     assert (ckpt["args"]["num_frames"], ckpt["args"]["frame_interval"], ckpt["data_info"]["num_classes"]) == (4, 3, 2)
     out = sample.main(sample.parse_args(["--ckpt", result["checkpoint"], "--num-samples", "2",

@@ -228,7 +228,7 @@ def test_reference_of_a_data_set_and_judged_samples(checkpoints, tmp_path, capsy
     mass_sample(checkpoints["image"], tmp_path / "s.npz")
     result = evaluate.main(evaluate.parse_args(["judge", str(tmp_path / "s.npz")]))
     assert 0 <= result["accuracy"] <= 1 and set(result) >= {"red", "green", "blue", "square", "triangle", "cross"}
-    assert "right colour / shape" in capsys.readouterr().out
+    assert "colour right: red" in capsys.readouterr().out
 
 
 def test_bad_evaluation_inputs_are_one_line_errors(tmp_path):

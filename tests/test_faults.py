@@ -190,7 +190,7 @@ def test_corrupt_and_empty_images_are_skipped_and_counted(tmp_path):
     assert len(dataset) == 12 and dataset.skipped.count() == 2 and all(x.shape == (3, 16, 16) for x, _ in items)
     out = run(tmp_path, "--dataset", "folder", "--data-path", root, "--max-steps", "3", "--log-every", "3",
               "--sample-every", "100", "--global-batch-size", "4")
-    assert out["step"] == 3 and "(2 unreadable images skipped so far)" in log_lines(out["run_dir"])[1]
+    assert out["step"] == 3 and "(2 unreadable images skipped so far, the first " in log_lines(out["run_dir"])[1]
 
 
 def test_skipped_items_count_once_each_however_often_they_are_met():

@@ -134,6 +134,17 @@ def test_torchrun_two_ranks_on_gloo(tmp_path):
     assert log.count("loss ") == 3
 
 
+def test_default_sample_names_hold_every_option_and_judge_reports_colours_and_shapes(tmp_path, capsys):
+    ckpt = run(tmp_path, "--max-steps", "1", "--sample-every", "100")["checkpoint"]
+    paths = set()
+    for flags in ([], ["--seed", "1"], ["--no-ema"], ["--num-samples", "4"], ["--cfg-scale", "2"], ["--class-labels", "1"]):
+        paths.add(sample.main(sample.parse_args(["--ckpt", ckpt, "--num-sampling-steps", "2", *flags]))["path"])
+    assert len(paths) == 6 and all(os.path.isfile(p) for p in paths)  # none written over another
+    out = sample.main(sample.parse_args(["--ckpt", ckpt, "--num-sampling-steps", "2", "--judge", "--seed", "2"]))
+    assert {"accuracy", "red", "green", "blue", "square", "triangle", "cross"} <= set(out)
+    assert "colour right: red" in capsys.readouterr().out
+
+
 def test_sample_png_and_gif(tmp_path):
     image_run = run(tmp_path, "--max-steps", "2", "--sample-every", "100")
     args = sample.parse_args(["--ckpt", image_run["checkpoint"], "--num-sampling-steps", "5", "--num-samples", "9",
@@ -335,6 +346,9 @@ def test_sampling_checks_its_output_device_and_checkpoint_before_the_work(tmp_pa
             sample.main(sample.parse_args(["--ckpt", ckpt, *flags]))
     with pytest.raises(UserError, match="is a folder; pass a file"):
         sample.main(sample.parse_args(["--ckpt", str(tmp_path)]))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder (root may write anywhere)
+    with pytest.raises(UserError, match="is not writable"):
+        sample.main(sample.parse_args(["--ckpt", ckpt, "--out", str(tmp_path / "grid.png")]))
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
