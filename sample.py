@@ -17,6 +17,7 @@ Mass sampling draws sample i from noise seeded by (--seed, i) and labels it i mo
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -284,6 +285,11 @@ def process_group():
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        # A clean teardown: no rank may still be sending when another closes its connections (gloo's
+        # threads abort the process when a peer vanishes mid-message), and the work that DDP's reducer
+        # holds is freed now, not by the interpreter's finalisation after the group is gone.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -99,7 +99,8 @@ def parse_args(argv=None):
     return args
 
 
-NOT_INHERITED = {"resume", "results_dir", "no_progress", "num_workers", "given", "scan"}  # this session's choices
+# choices of this machine and session, not of the run
+NOT_INHERITED = {"resume", "results_dir", "no_progress", "num_workers", "given", "scan", "cuda_graphs", "inception"}
 
 
 def inherit_flags(args, old):
@@ -325,6 +326,11 @@ def train(args, rank, world, local_rank):
         torch.cuda.set_device(device)
     precision = precision_for(args.precision, device)
     check_scan_backend(args.scan, device)
+
+    # --- checks that need no work, then the data and the model --------------------------------
+    resume_path = find_resume(args) if args.resume else None
+    resume = load_checkpoint(resume_path) if resume_path else None
+    changed = inherit_flags(args, resume["args"]) if resume is not None else []
     if args.global_batch_size % world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks")
     local_batch = args.global_batch_size // world
@@ -332,11 +338,6 @@ def train(args, rank, world, local_rank):
         raise UserError("--cuda-graphs needs a CUDA GPU")
     if args.cuda_graphs and (world > 1 or args.grad_ckpt):
         raise UserError("--cuda-graphs records the whole model on one GPU: not under torchrun, not with --grad-ckpt")
-
-    # --- checks that need no work, then the data and the model --------------------------------
-    resume_path = find_resume(args) if args.resume else None
-    resume = load_checkpoint(resume_path) if resume_path else None
-    changed = inherit_flags(args, resume["args"]) if resume is not None else []
     dataset, info = make_dataset(args.dataset, args.data_path, args.image_size, args.num_frames, args.global_seed,
                                  args.frame_interval, args.split)
     args.image_size, args.num_frames = info["image_size"], info["num_frames"]  # the data set's defaults
