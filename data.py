@@ -278,13 +278,13 @@ class ImageFolderSkipping(torch.utils.data.Dataset):
         return self.skipped.first_readable(i, self.folder.__getitem__, self.paths, (OSError, ValueError, SyntaxError))[1]
 
 
-def image_folder(path, image_size):
+def image_folder(path, image_size, flip=True):
     from torchvision import transforms
 
     check_image_folder(path)
     transform = transforms.Compose([
         transforms.Lambda(lambda image: center_crop_arr(to_rgb(image), image_size)),
-        transforms.RandomHorizontalFlip(),
+        transforms.RandomHorizontalFlip(0.5 if flip else 0.0),
         transforms.ToTensor(),
         transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),  # [0, 1] -> [-1, 1]
     ])
@@ -455,10 +455,10 @@ class UCF101(torch.utils.data.Dataset):
     be decoded is skipped (the next one is read instead) and counted in `skipped`; one too short
     for the clip is looped."""
 
-    def __init__(self, root, split="all", image_size=64, num_frames=16, frame_interval=3):
+    def __init__(self, root, split="all", image_size=64, num_frames=16, frame_interval=3, flip=True):
         require("av", "decoding UCF-101 videos")
         self.paths, self.labels, self.classes = ucf101_videos(root, split)
-        self.image_size, self.num_frames, self.frame_interval = image_size, num_frames, frame_interval
+        self.image_size, self.num_frames, self.frame_interval, self.flip = image_size, num_frames, frame_interval, flip
         self.skipped = Skipped(len(self.paths), "video")
 
     def __len__(self):
@@ -474,7 +474,7 @@ class UCF101(torch.utils.data.Dataset):
         j, frames = self.skipped.first_readable(i, read, self.paths,
                                                 (av.FFmpegError, OSError, ValueError, IndexError, KeyError))
         clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1  # (T, 3, H, W)
-        return (clip.flip(-1) if flip else clip), self.labels[j]
+        return (clip.flip(-1) if flip and self.flip else clip), self.labels[j]
 
 
 #################################################################################
@@ -502,12 +502,13 @@ def read_meta(path, dataset):
 
 class LatentDataset(torch.utils.data.Dataset):
     """Items of a latent cache: scaled SD-VAE latents (4, h, w), or clips (T, 4, h, w), with labels.
-    The cache stores each image (or frame) and its mirror image; one of the two is picked at random.
+    The cache stores each image (or frame) and its mirror image; one of the two is picked at random
+    (only the first with flip=False; a cache extracted with --no-flip stores no mirror).
 
-    latents.npy (rows, 2, 4, h, w) fp16, memory-mapped; index.npy (items, 2): first row, row count
+    latents.npy (rows, 2 or 1, 4, h, w) fp16, memory-mapped; index.npy (items, 2): first row, row count
     (1 for an image, the frames of a video; 0 for a video that could not be read); labels.npy."""
 
-    def __init__(self, path, dataset, num_frames=1, frame_interval=1):
+    def __init__(self, path, dataset, num_frames=1, frame_interval=1, flip=True):
         self.meta = read_meta(path, dataset)
         if num_frames > 1 and frame_interval != self.meta["frame_interval"]:
             raise UserError(f"{path} stores every {self.meta['frame_interval']}th frame: "
@@ -524,6 +525,7 @@ class LatentDataset(torch.utils.data.Dataset):
             raise UserError(f"the latent cache {path} is damaged (its arrays disagree in length): extract again")
         self.items = np.nonzero(self.index[:, 1] > 0)[0]                   # readable items only
         self.num_frames = num_frames
+        self.flip = flip and self.latents.shape[1] == 2  # a cache extracted with --no-flip holds no mirrors
 
     def __len__(self):
         return len(self.items)
@@ -531,7 +533,7 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.items[i]
         first, count = self.index[item]
-        where, flip = torch.rand(()).item(), int(torch.rand(()).item() < 0.5)
+        where, flip = torch.rand(()).item(), int(torch.rand(()).item() < 0.5 and self.flip)
         if self.num_frames == 1:
             x = self.latents[first, flip]                                   # (4, h, w)
         else:  # stored frames are already frame_interval apart
@@ -540,7 +542,7 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all", frame_interval=3,
-            rank=0, world=1, progress=True):
+            rank=0, world=1, progress=True, flip=True):
     """Encode a data set with the SD VAE into a latent cache in `out`.
 
     The work is cut into units (a batch of images, or one video), each rank takes every world-th
@@ -593,7 +595,7 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
         np.save(os.path.join(out, "labels.npy"), np.asarray(labels, dtype=np.int64))
         np.save(os.path.join(out, "index.npy"), index)
         np.lib.format.open_memmap(os.path.join(out, "latents.npy"), "w+", np.float16,
-                                  (max(1, sum(counts)), 2, 4, image_size // 8, image_size // 8)).flush()
+                                  (max(1, sum(counts)), 2 if flip else 1, 4, image_size // 8, image_size // 8)).flush()
         np.save(os.path.join(out, "done.npy"), np.zeros(len(units), dtype=np.uint8))
         np.save(os.path.join(out, "unreadable.npy"), np.zeros(len(sources), dtype=np.uint8))
         write_json(meta_file, meta)
@@ -627,8 +629,9 @@ def extract(dataset, data_path, out, image_size, vae, batch_size=32, split="all"
         pixels = pixels.float() / 127.5 - 1
         for part in range(0, len(rows), batch_size):
             x, r = pixels[part:part + batch_size], rows[part:part + batch_size]
-            z = encode(vae_model, torch.cat([x, x.flip(-1)]), [*(2 * r), *(2 * r + 1)])  # (2n, 4, h, w)
-            latents[r] = z.view(2, len(r), *z.shape[1:]).transpose(0, 1).cpu().numpy().astype(np.float16)
+            views = [x, x.flip(-1)] if flip else [x]                                 # and the mirror image
+            z = encode(vae_model, torch.cat(views), [*(2 * r), *(2 * r + 1)][:len(views) * len(r)])  # (2n | n, 4, h, w)
+            latents[r] = z.view(len(views), len(r), *z.shape[1:]).transpose(0, 1).cpu().numpy().astype(np.float16)
         latents.flush()
         unreadable.flush()
         done[u] = 1
@@ -671,16 +674,17 @@ DATASETS = ("shapes", "folder", "imagenet", "ucf101")
 DEFAULT_IMAGE_SIZE = dict(shapes=16, folder=32, ucf101=64)
 
 
-def make_dataset(name, data_path=None, image_size=None, num_frames=None, seed=0, frame_interval=3, split="all"):
+def make_dataset(name, data_path=None, image_size=None, num_frames=None, seed=0, frame_interval=3, split="all",
+                 flip=True):
     """(dataset, info): info says what the model is built for: channels, classes, the image side,
     the side of the model's input (the image, or its latent of side image_size / 8), the frames,
-    and for latents the VAE that turns samples back into pixels."""
+    and for latents the VAE that turns samples back into pixels. flip: random horizontal flips."""
     cached = os.path.isfile(os.path.join(data_path or "", "meta.json"))  # a latent cache of data.py extract
     if name == "imagenet" or (name in ("folder", "ucf101") and cached):
         frames = num_frames or (16 if name == "ucf101" else 1)
         if name != "ucf101" and frames > 1:
             raise UserError(f"--dataset {name} holds images; use --num-frames 1")
-        dataset = LatentDataset(data_path, name, frames, frame_interval)
+        dataset = LatentDataset(data_path, name, frames, frame_interval, flip)
         meta = dataset.meta
         if image_size not in (None, meta["image_size"]):
             raise UserError(f"--image-size {image_size}: the latents in {data_path} are of {meta['image_size']}-pixel "
@@ -697,11 +701,11 @@ def make_dataset(name, data_path=None, image_size=None, num_frames=None, seed=0,
         frames = num_frames or 1
         if frames > 1:
             raise UserError("--dataset folder holds images; use --num-frames 1")
-        dataset = image_folder(data_path, image_size)
+        dataset = image_folder(data_path, image_size, flip)
         classes = dataset.classes
     elif name == "ucf101":
         frames = num_frames or 16
-        dataset = UCF101(data_path, split, image_size, frames, frame_interval)
+        dataset = UCF101(data_path, split, image_size, frames, frame_interval, flip)
         classes = dataset.classes
     else:
         raise UserError(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -726,6 +730,7 @@ def main(argv=None):
     ex.add_argument("--batch-size", type=positive_int, default=32)
     ex.add_argument("--split", default="all", help="ucf101: all, train1..3, test1..3")
     ex.add_argument("--frame-interval", type=positive_int, default=3, help="ucf101: keep every k-th frame")
+    ex.add_argument("--no-flip", action="store_true", help="store no mirror images (data with a handedness)")
     ex.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     distributed = "RANK" in os.environ
@@ -736,7 +741,8 @@ def main(argv=None):
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     try:
         return extract(args.dataset, args.data_path, args.out, args.image_size, args.vae, args.batch_size,
-                       args.split, args.frame_interval, rank, world, progress=not args.no_progress and rank == 0)
+                       args.split, args.frame_interval, rank, world, progress=not args.no_progress and rank == 0,
+                       flip=not args.no_flip)
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -14,6 +14,7 @@ A run lives in results/NNN-<model>-<dataset>/ with log.txt, checkpoints/NNNNNNN.
 """
 
 import argparse
+import contextlib
 import copy
 import glob
 import math
@@ -58,7 +59,12 @@ def parse_args(argv=None):
     parser.add_argument("--frame-interval", type=positive_int, default=3, help="ucf101: take every k-th frame")
     parser.add_argument("--split", default="all", help="ucf101: all, train1..3, test1..3")
     parser.add_argument("--global-batch-size", type=positive_int, default=32, help="summed over all ranks")
-    parser.add_argument("--lr", type=number_in(float, 0, low_open=True), default=5e-3, help="AdamW learning rate (DiT: 1e-4 at batch 256)")
+    parser.add_argument("--lr", type=number_in(float, 0, low_open=True), default=None,
+                        help="AdamW learning rate (default: by model size, see DEFAULT_LR; DiT: 1e-4 at batch 256)")
+    parser.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation: each optimizer "
+                        "step sums the gradients of this many micro-batches of global-batch-size / (ranks x this)")
+    parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips (digits, text, charts "
+                        "and other data with a handedness)")
     parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
                         help="a cosine decay to zero at --max-steps, or constant (DiT's)")
     parser.add_argument("--warmup-steps", type=number_in(int, 0), default=0, help="linear warm-up of the learning rate")
@@ -78,8 +84,11 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--ckpt-every", type=positive_int, default=1000, help="steps between checkpoints "
                         "(the last step always writes one)")
-    parser.add_argument("--sample-every", type=positive_int, default=1000, help="steps between EMA sample grids "
-                        "(the last step always draws one)")
+    parser.add_argument("--sample-every", type=number_in(int, 0), default=1000, help="steps between EMA sample "
+                        "grids (the last step always draws one); 0: no grids at all")
+    parser.add_argument("--grid-samples", type=positive_int, default=None,
+                        help="samples in a grid (default: 36 images or 12 clips)")
+    parser.add_argument("--grid-steps", type=positive_int, default=50, help="DDIM steps of a grid")
     parser.add_argument("--eval-every", type=positive_int, default=None, help="steps between FIDs of "
                         "--eval-samples EMA samples against as many training items (off by default)")
     parser.add_argument("--eval-samples", type=positive_int, default=2000)
@@ -96,10 +105,16 @@ def parse_args(argv=None):
     for action in parser._actions:  # parse again without defaults: what remains is what the user gave
         action.default = argparse.SUPPRESS
     args.given = sorted(vars(parser.parse_args(argv)))
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.model.split("-")[1].split("/")[0]]
     return args
 
 
 # choices of this machine and session, not of the run
+# The learning rate when --lr is not given, by model size: the tiny default's rate on shapes, what a
+# DiM-S/2 trained well with here on shapes at batch 64 (BENCHMARKS.md), and DiT's 1e-4 from B on.
+DEFAULT_LR = {"Ti": 5e-3, "S": 1e-3, "B": 1e-4, "L": 1e-4, "XL": 1e-4}
+
 NOT_INHERITED = {"resume", "results_dir", "no_progress", "num_workers", "given", "scan", "cuda_graphs", "inception"}
 
 
@@ -331,15 +346,18 @@ def train(args, rank, world, local_rank):
     resume_path = find_resume(args) if args.resume else None
     resume = load_checkpoint(resume_path) if resume_path else None
     changed = inherit_flags(args, resume["args"]) if resume is not None else []
-    if args.global_batch_size % world:
-        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks")
-    local_batch = args.global_batch_size // world
+    default_lr = resume is None and "lr" not in getattr(args, "given", ["lr"])
+    if args.global_batch_size % (world * args.accum_steps):
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} ranks "
+                        f"x {args.accum_steps} accumulation steps")
+    local_batch = args.global_batch_size // (world * args.accum_steps)                # one micro-batch of a rank
     if args.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA GPU")
-    if args.cuda_graphs and (world > 1 or args.grad_ckpt):
-        raise UserError("--cuda-graphs records the whole model on one GPU: not under torchrun, not with --grad-ckpt")
+    if args.cuda_graphs and (world > 1 or args.grad_ckpt or args.accum_steps > 1):
+        raise UserError("--cuda-graphs records the whole model on one GPU: not under torchrun, not with --grad-ckpt "
+                        "or --accum-steps")
     dataset, info = make_dataset(args.dataset, args.data_path, args.image_size, args.num_frames, args.global_seed,
-                                 args.frame_interval, args.split)
+                                 args.frame_interval, args.split, flip=not args.no_flip)
     args.image_size, args.num_frames = info["image_size"], info["num_frames"]  # the data set's defaults
     info = dict(info, items=len(dataset), source=os.path.abspath(args.data_path) if args.data_path else None)
     if resume is not None:
@@ -396,15 +414,19 @@ def train(args, rank, world, local_rank):
     log = Logger(run_dir)
     log(f"{'resumed at step ' + str(step) if step else 'started'}: {args.model} ({args.mixer}), "
         f"{model.num_params() / 1e6:.2f} M parameters, {model.gmacs():.3f} GMACs per sample, "
-        f"{len(dataset)} items of {args.dataset}, {world} rank(s) on {device.type}, {precision}"
+        f"{len(dataset)} items of {args.dataset}, {world} rank(s) on {device.type}, {precision}, global batch "
+        f"{args.global_batch_size}" + (f" ({args.accum_steps} micro-batches of {local_batch} a rank)"
+                                       if args.accum_steps > 1 else "")
+        + f", lr {args.lr:g}" + (f" (the default for {args.model.split('/')[0]})" if default_lr else "")
         + (f", from {resume_path}" if resume is not None and new_run else "")
         + (f"; changed from the run: {', '.join(changed)}" if changed else ""))
     interrupted, first_step = None, step
     try:
         # --- the loop ------------------------------------------------------------------------------
-        steps_per_epoch = len(dataset) // args.global_batch_size
+        micro_per_epoch = len(dataset) // (local_batch * world)  # micro-batches of every rank in an epoch
         workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
-        data = batches(dataset, local_batch, rank, world, args.global_seed, step, steps_per_epoch, workers)
+        data = batches(dataset, local_batch, rank, world, args.global_seed, step * args.accum_steps, micro_per_epoch,
+                       workers)
         # the cast-weight cache off: CUDA graphs need it, and one forward casts each weight once anyway
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False)
         model.train()
@@ -415,13 +437,16 @@ def train(args, rank, world, local_rank):
         last_checkpoint = None
         interrupted = GracefulStop() if world == 1 else None  # under torchrun, Ctrl-C stops every rank at once
         while step < args.max_steps:
-            x, y = next(data)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            with autocast:
-                loss = diffusion.training_losses(lambda xt, tt: ddp(xt, tt, y).float(), x, t)["loss"].mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = 0
+            for micro in range(args.accum_steps):  # DDP averages gradients over ranks at the last micro-batch only
+                x, y = next(data)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+                with autocast, (ddp.no_sync() if world > 1 and micro < args.accum_steps - 1 else contextlib.nullcontext()):
+                    micro_loss = diffusion.training_losses(lambda xt, tt: ddp(xt, tt, y).float(), x, t)["loss"].mean()
+                    (micro_loss / args.accum_steps).backward()
+                loss = loss + micro_loss.detach() / args.accum_steps
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
             for group in opt.param_groups:
                 group["lr"] = learning_rate(args, step)
@@ -429,11 +454,13 @@ def train(args, rank, world, local_rank):
             update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
             step += 1
             bar.update(1)
-            losses.append(loss.detach())
+            losses.append(loss)
             norms.append(norm.detach())
+            if step == first_step + 1 and device.type == "cuda":
+                log(f"step {step:7d}  peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
             last = step == args.max_steps or (interrupted is not None and interrupted.is_set())
             log_now, sample_now, save_now, eval_now = (
-                last or (every is not None and step % every == 0)
+                (last or step % every == 0) if every else False
                 for every in (args.log_every, args.sample_every, args.ckpt_every, args.eval_every))
             if log_now or sample_now or save_now or eval_now:  # before anything is logged, sampled or saved
                 stop_if_not_finite(losses, step, last_checkpoint or resume_path)
@@ -457,13 +484,14 @@ def train(args, rank, world, local_rank):
                     last_checkpoint = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
                     save_checkpoint(last_checkpoint, model, ema, opt, args, step, info, rng)
                     log(f"step {step:7d}  checkpoint {last_checkpoint}")
+                    plot_losses(run_dir)
             if interrupted is not None and interrupted.is_set():
                 raise UserError(f"interrupted at step {step}; the checkpoint {last_checkpoint} holds it: "
                                 f"python train.py --resume {run_dir} carries on")
             if rank == 0 and sample_now:
                 try:  # a grid that fails (a VAE folder gone, a full disk) is logged; the run goes on
                     path = sample_grid(ema, info, args, step, precision, run_dir)
-                    log(f"step {step:7d}  samples (EMA, DDIM 50, guidance 4) in {path}")
+                    log(f"step {step:7d}  samples (EMA, DDIM {args.grid_steps}, guidance 4) in {path}")
                 except Exception as error:
                     log(f"step {step:7d}  no sample grid: {type(error).__name__}: {str(error)[:300]}")
             if evaluate_fid is not None and eval_now:
@@ -496,12 +524,35 @@ def train(args, rank, world, local_rank):
 
 
 def sample_grid(ema, info, args, step, precision, run_dir):
-    """The periodic EMA grid: a column per class, DDIM 50 with guidance 4; returns its path."""
-    per_class = max(1, (36 if args.num_frames == 1 else 12) // info["num_classes"])  # clips cost T times more
-    labels = torch.arange(info["num_classes"]).repeat(per_class)
-    samples = to_pixels(generate(ema, labels, "ddim", 50, cfg_scale=4.0, seed=args.global_seed, precision=precision), info)
+    """The periodic EMA grid: a column per class, DDIM (--grid-steps) with guidance 4; returns its path."""
+    count = args.grid_samples or (36 if args.num_frames == 1 else 12)  # clips cost T times more
+    labels = torch.arange(count) % info["num_classes"]                     # a class a column
+    samples = to_pixels(generate(ema, labels, "ddim", args.grid_steps, cfg_scale=4.0, seed=args.global_seed,
+                                 precision=precision), info)
     return save_samples(samples, os.path.join(run_dir, "samples", f"{step:07d}.{'gif' if args.num_frames > 1 else 'png'}"),
-                        columns=info["num_classes"])
+                        columns=min(count, info["num_classes"]))
+
+
+def plot_losses(run_dir):
+    """loss.png beside log.txt: the logged mean losses against the step, if matplotlib is installed
+    (it is not a requirement: without it, nothing is drawn and nothing is said)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = [(int(line.split()[1]), float(line.split("loss ")[1].split()[0]))
+              for line in open(os.path.join(run_dir, "log.txt")) if "  loss " in line]
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot(*zip(*points) if points else ([], []))
+    axes.set(xlabel="step", ylabel="loss (mean since the last line)", yscale="log", title=os.path.basename(run_dir))
+    figure.tight_layout()
+    path = os.path.join(run_dir, "loss.png")
+    figure.savefig(path + ".tmp.png")
+    plt.close(figure)
+    os.replace(path + ".tmp.png", path)
+    return path
 
 
 class GracefulStop:

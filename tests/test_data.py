@@ -143,6 +143,13 @@ def test_extraction_skips_a_corrupt_image_and_a_rerun_finishes(image_tree, vae_d
     assert len(dataset) == 10 and np.load(os.path.join(out, "unreadable.npy")).sum() == 1
 
 
+def test_extraction_without_flips_stores_no_mirrors(image_tree, vae_dir, tmp_path):
+    out = extract_images(image_tree, vae_dir, tmp_path / "cache", flip=False)
+    assert np.load(os.path.join(out, "latents.npy"), mmap_mode="r").shape[1] == 1
+    dataset, _ = data.make_dataset("imagenet", out)
+    assert len(dataset) == 10 and dataset[0][0].shape == (4, 4, 4)
+
+
 def test_extraction_under_torchrun_shares_the_work(image_tree, vae_dir, tmp_path):
     reference = np.load(os.path.join(extract_images(image_tree, vae_dir, tmp_path / "one"), "latents.npy"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
