@@ -10,7 +10,9 @@ guidance, the hybrid loss of diffusion.py), with what small-GPU work needs: bf16
 clipping and checkpointing, exact resume, periodic EMA samples, a progress bar, and --cuda-graphs for
 small models on fast GPUs, whose steps otherwise wait on the host's kernel launches. The learning rate
 decays on a cosine to zero at --max-steps (a short run ends better); --lr-schedule constant is DiT's.
-A run lives in results/NNN-<model>-<dataset>/ with log.txt, checkpoints/NNNNNNN.pt and samples/.
+A run lives in results/NNN-<model>[-attention]-<dataset>[-<T>f]/ with log.txt, loss.png,
+checkpoints/NNNNNNN.pt and samples/. --accum-steps splits a step into micro-batches for small GPUs;
+--eval-every logs the FID of EMA samples (evaluate.py).
 """
 
 import argparse

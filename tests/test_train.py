@@ -286,8 +286,8 @@ def test_device_and_scan_are_checked_and_not_pinned_by_the_checkpoint(tmp_path, 
 
 
 def test_counts_must_be_positive(capsys):
-    for flag in ("--log-every", "--ckpt-every", "--sample-every", "--global-batch-size", "--max-steps",
-                 "--image-size", "--num-frames"):
+    for flag in ("--log-every", "--ckpt-every", "--global-batch-size", "--max-steps", "--image-size", "--num-frames",
+                 "--accum-steps", "--grid-samples", "--grid-steps", "--eval-every", "--eval-samples"):
         with pytest.raises(SystemExit):
             train.parse_args([flag, "0"])
         assert f"argument {flag}: must be a positive integer, got 0" in capsys.readouterr().err
