@@ -15,7 +15,9 @@ the model learned.
 """
 
 import argparse
+import contextlib
 import functools
+import gc
 import importlib
 import json
 import math
@@ -69,6 +71,25 @@ def number_in(kind=float, low=None, high=None, low_open=False):
 
 
 positive_int = number_in(int, 1)  # counts: steps, samples, sizes, frames
+
+
+@contextlib.contextmanager
+def process_group():
+    """(rank, world, local_rank) of this process: torchrun sets RANK, and then the processes form a group
+    (NCCL on GPUs, gloo on CPUs) that is torn down on the way out; otherwise (0, 1, 0)."""
+    if "RANK" not in os.environ:
+        yield 0, 1, 0
+        return
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        # A clean teardown: no rank may still be sending when another closes its connections (gloo's
+        # threads abort the process when a peer vanishes mid-message), and the work that DDP's reducer
+        # holds is freed now, not by the interpreter's finalisation after the group is gone.
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def run_script(main, parse_args=None):
@@ -189,6 +210,7 @@ def describe_judgement(result):
 #                         folder: any ImageFolder tree                          #
 #################################################################################
 
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for an empty, truncated or corrupt file
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -275,7 +297,7 @@ class ImageFolderSkipping(torch.utils.data.Dataset):
         return len(self.folder)
 
     def __getitem__(self, i):
-        return self.skipped.first_readable(i, self.folder.__getitem__, self.paths, (OSError, ValueError, SyntaxError))[1]
+        return self.skipped.first_readable(i, self.folder.__getitem__, self.paths, IMAGE_ERRORS)[1]
 
 
 def image_folder(path, image_size, flip=True):
@@ -654,7 +676,7 @@ def read_image(path, image_size, unreadable, item):
     read, which is then marked in `unreadable` (and named on stderr)."""
     try:
         return np.array(center_crop_arr(to_rgb(Image.open(path)), image_size))
-    except (OSError, ValueError, SyntaxError) as error:
+    except IMAGE_ERRORS as error:
         print(f"skipping unreadable image {path} ({type(error).__name__})", file=sys.stderr)
         unreadable[item] = 1
         return np.zeros((image_size, image_size, 3), dtype=np.uint8)
@@ -663,6 +685,13 @@ def read_image(path, image_size, unreadable, item):
 def write_json(path, value):
     with open(path + ".tmp", "w") as f:
         json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def write_npz(path, **arrays):
+    """np.savez to a temporary file, then renamed: no half-written .npz under the name asked for."""
+    with open(path + ".tmp", "wb") as f:  # a file object: np.savez would add .npz to the name
+        np.savez(f, **arrays)
     os.replace(path + ".tmp", path)
 
 
@@ -733,19 +762,12 @@ def main(argv=None):
     ex.add_argument("--no-flip", action="store_true", help="store no mirror images (data with a handedness)")
     ex.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    try:
+    with process_group() as (rank, world, local_rank):
+        if world > 1 and torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
         return extract(args.dataset, args.data_path, args.out, args.image_size, args.vae, args.batch_size,
                        args.split, args.frame_interval, rank, world, progress=not args.no_progress and rank == 0,
                        flip=not args.no_flip)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data import (IMAGE_EXTENSIONS, UserError, describe_judgement, judge_report, make_dataset, positive_int, require,
-                  run_script, to_rgb)
+                  run_script, to_rgb, write_npz)
+from sample import sample_pixels, to_pixels, to_uint8
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
@@ -261,8 +262,7 @@ def load_reference(path):
 def real_pixels(items, info, num, seed=0, progress=False):
     """uint8 pixels of `num` items of a data set, in an order fixed by `seed`, each item's random draws
     (flips, clip starts) fixed by it too; latents are decoded by the data set's VAE."""
-    from sample import to_pixels, to_uint8
-    from train import SeededItems
+    from train import SeededItems  # train.py imports this file
 
     if len(items) < num:
         raise UserError(f"{num} reference items asked for; the data set has only {len(items)}")
@@ -278,10 +278,7 @@ def write_reference(dataset, data_path, out, num, image_size=None, num_frames=No
     """The first `num` items of a data set (see real_pixels) in out (.npz): the real side of FVD (UCF-101
     clips), or of FID for a folder of images."""
     items, info = make_dataset(dataset, data_path, image_size, num_frames, seed, frame_interval, split)
-    pixels = real_pixels(items, info, num, seed, progress)
-    with open(out + ".tmp", "wb") as f:
-        np.savez(f, arr_0=pixels)
-    os.replace(out + ".tmp", out)
+    write_npz(out, arr_0=real_pixels(items, info, num, seed, progress))
     return out
 
 
@@ -300,8 +297,6 @@ class TrainingFID:
         return pixels.reshape(-1, *pixels.shape[-3:])                            # (N [* T], H, W, 3)
 
     def __call__(self, model, precision="fp32"):
-        from sample import generate, sample_generators, to_pixels, to_uint8
-
         if self.reference is None:
             real = real_pixels(self.items, self.info, min(self.num_samples, len(self.items)), self.seed)
             self.reference = statistics(features(self.network, self.frames(real), device=self.device)[0])
@@ -309,10 +304,8 @@ class TrainingFID:
         pool = []
         for start in range(0, self.num_samples, self.batch_size):
             indices = range(start, min(start + self.batch_size, self.num_samples))
-            x = generate(model, labels[indices.start:indices.stop], "ddim", 50, cfg_scale=1.5, precision=precision,
-                         generators=sample_generators(self.seed, indices))
-            pixels = self.frames(to_uint8(to_pixels(x, self.info)))
-            pool.append(features(self.network, pixels, device=self.device)[0])
+            pixels = sample_pixels(model, self.info, labels, indices, "ddim", 50, 1.5, self.seed, precision)
+            pool.append(features(self.network, self.frames(pixels), device=self.device)[0])
         return frechet_distance(*statistics(np.concatenate(pool)), *self.reference)
 
 

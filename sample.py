@@ -16,8 +16,6 @@ Mass sampling draws sample i from noise seeded by (--seed, i) and labels it i mo
 """
 
 import argparse
-import contextlib
-import gc
 import json
 import os
 import shutil
@@ -29,8 +27,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data import (UserError, decode, describe_judgement, judge_report, load_vae, number_in, positive_int, require,
-                  run_script)
+from data import (UserError, decode, describe_judgement, judge_report, load_vae, number_in, positive_int, process_group,
+                  require, run_script, write_json, write_npz)
 from diffusion import Diffusion, guided
 from dim import build_model
 from scan import BACKENDS, triton_available
@@ -164,10 +162,15 @@ def to_pixels(samples, info, vae=None):
     return pixels.view(*samples.shape[:-3], *pixels.shape[1:])               # (N, [T,] 3, H, W)
 
 
+def quantised(samples):
+    """Pixels in [-1, 1] -> uint8 [0, 255] on the CPU, in the same layout."""
+    return ((samples.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def save_samples(samples, path, columns=None):
     """A PNG grid of images, or a grid of clips (one clip per cell): an animated GIF, or an MP4
     when the path ends in .mp4."""
-    samples = ((samples.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    samples = quantised(samples)
     clips = samples if samples.dim() == 5 else samples[:, None]              # (N, T, C, H, W)
     n, frames, c, h, w = clips.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
@@ -212,8 +215,16 @@ def sample_generators(seed, indices):
 
 def to_uint8(samples):
     """Pixels in [-1, 1], (N, [T,] 3, H, W) -> uint8 (N, [T,] H, W, 3), as ADM's evaluator reads them."""
-    pixels = ((samples.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return pixels.movedim(-3, -1).numpy()
+    return quantised(samples).movedim(-3, -1).numpy()
+
+
+def sample_pixels(model, info, labels, indices, sampler, num_steps, cfg_scale, seed, precision, cuda_graph=False,
+                  vae=None):
+    """uint8 pixels (n, [T,] H, W, 3) of the samples with these indices (a range), each drawn from the
+    noise of its own index (sample_generators) for labels[index]; latents decoded by the VAE."""
+    x = generate(model, labels[indices.start:indices.stop], sampler, num_steps, cfg_scale, precision=precision,
+                 cuda_graph=cuda_graph, generators=sample_generators(seed, indices))
+    return to_uint8(to_pixels(x, info, vae))
 
 
 def sample_many(model, info, out, num_samples, settings, batch_size, rank=0, world=1, progress=True,
@@ -232,10 +243,7 @@ def sample_many(model, info, out, num_samples, settings, batch_size, rank=0, wor
     work = out + ".partial"
     meta = dict(settings, num_samples=num_samples, batch_size=batch_size, shape=list(shape))
     if rank == 0:
-        try:
-            os.makedirs(work, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"--out {out}: cannot write there ({error.strerror})") from None
+        os.makedirs(work, exist_ok=True)  # the folder of `out` was checked writable (check_output)
         meta_file = os.path.join(work, "meta.json")
         if os.path.isfile(meta_file):  # resuming: the same run, or refuse to mix two
             with open(meta_file) as f:
@@ -247,9 +255,7 @@ def sample_many(model, info, out, num_samples, settings, batch_size, rank=0, wor
         else:
             np.lib.format.open_memmap(os.path.join(work, "samples.npy"), "w+", np.uint8, shape).flush()
             np.save(os.path.join(work, "done.npy"), np.zeros(len(batches), dtype=np.uint8))
-            with open(meta_file + ".tmp", "w") as f:
-                json.dump(meta, f, indent=1)
-            os.replace(meta_file + ".tmp", meta_file)
+            write_json(meta_file, meta)
     if world > 1:
         dist.barrier()  # rank 0 has laid out the files
     arrays = np.load(os.path.join(work, "samples.npy"), mmap_mode="r+")
@@ -257,41 +263,19 @@ def sample_many(model, info, out, num_samples, settings, batch_size, rank=0, wor
     mine = [b for b in range(rank, len(batches), world) if not done[b]]
     for b in tqdm(mine, desc=f"sampling (rank {rank})", disable=not progress):
         indices = batches[b]
-        x = generate(model, labels[indices.start:indices.stop], settings["sampler"], settings["num_steps"],
-                     settings["cfg_scale"], precision=settings["precision"], cuda_graph=cuda_graph,
-                     generators=sample_generators(settings["seed"], indices))
-        arrays[indices.start:indices.stop] = to_uint8(to_pixels(x, info, settings.get("vae")))
+        arrays[indices.start:indices.stop] = sample_pixels(
+            model, info, labels, indices, settings["sampler"], settings["num_steps"], settings["cfg_scale"],
+            settings["seed"], settings["precision"], cuda_graph, settings.get("vae"))
         arrays.flush()
         done[b] = 1
         done.flush()
     if world > 1:
         dist.barrier()  # every rank has written its batches
     if rank == 0:
-        with open(out + ".tmp", "wb") as f:  # a file object: np.savez would add .npz to the name
-            np.savez(f, arr_0=np.asarray(arrays), arr_1=labels.numpy())
-        os.replace(out + ".tmp", out)
+        write_npz(out, arr_0=np.asarray(arrays), arr_1=labels.numpy())
         del arrays, done
         shutil.rmtree(work)
     return out
-
-
-@contextlib.contextmanager
-def process_group():
-    """(rank, world, local_rank) of this process: torchrun sets RANK, and then the processes form a group
-    (NCCL on GPUs, gloo on CPUs) that is torn down on the way out; otherwise (0, 1, 0)."""
-    if "RANK" not in os.environ:
-        yield 0, 1, 0
-        return
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-        # A clean teardown: no rank may still be sending when another closes its connections (gloo's
-        # threads abort the process when a peer vanishes mid-message), and the work that DDP's reducer
-        # holds is freed now, not by the interpreter's finalisation after the group is gone.
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def parse_args(argv=None):

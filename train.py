@@ -34,12 +34,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from data import DATASETS, UserError, make_dataset, number_in, run_script
+from data import DATASETS, UserError, make_dataset, number_in, process_group, run_script
 from diffusion import Diffusion
 from evaluate import TrainingFID
 from dim import PRESETS
 from sample import (check_scan_backend, generate, load_checkpoint, load_weights, model_from_args, positive_int,
-                    precision_for, process_group, save_samples, to_pixels)
+                    precision_for, save_samples, to_pixels)
 from scan import BACKENDS
 
 ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must match to resume
@@ -108,15 +108,21 @@ def parse_args(argv=None):
         action.default = argparse.SUPPRESS
     args.given = sorted(vars(parser.parse_args(argv)))
     if args.lr is None:
-        args.lr = DEFAULT_LR[args.model.split("-")[1].split("/")[0]]
+        args.lr = DEFAULT_LR[model_size(args.model)]
     return args
 
 
-# choices of this machine and session, not of the run
 # The learning rate when --lr is not given, by model size: the tiny default's rate on shapes, what a
 # DiM-S/2 trained well with here on shapes at batch 64 (BENCHMARKS.md), and DiT's 1e-4 from B on.
 DEFAULT_LR = {"Ti": 5e-3, "S": 1e-3, "B": 1e-4, "L": 1e-4, "XL": 1e-4}
 
+
+def model_size(model):
+    """"DiM-S/2" -> "S"."""
+    return model.split("-")[1].split("/")[0]
+
+
+# choices of this machine and session, not of the run
 NOT_INHERITED = {"resume", "results_dir", "no_progress", "num_workers", "given", "scan", "cuda_graphs", "inception"}
 
 
@@ -419,7 +425,7 @@ def train(args, rank, world, local_rank):
         f"{len(dataset)} items of {args.dataset}, {world} rank(s) on {device.type}, {precision}, global batch "
         f"{args.global_batch_size}" + (f" ({args.accum_steps} micro-batches of {local_batch} a rank)"
                                        if args.accum_steps > 1 else "")
-        + f", lr {args.lr:g}" + (f" (the default for {args.model.split('/')[0]})" if default_lr else "")
+        + f", lr {args.lr:g}" + (f" (the default for DiM-{model_size(args.model)})" if default_lr else "")
         + (f", from {resume_path}" if resume is not None and new_run else "")
         + (f"; changed from the run: {', '.join(changed)}" if changed else ""))
     interrupted, first_step = None, step
@@ -440,15 +446,18 @@ def train(args, rank, world, local_rank):
         interrupted = GracefulStop() if world == 1 else None  # under torchrun, Ctrl-C stops every rank at once
         while step < args.max_steps:
             opt.zero_grad(set_to_none=True)
-            loss = 0
-            for micro in range(args.accum_steps):  # DDP averages gradients over ranks at the last micro-batch only
+            micro_losses = []
+            for micro in range(args.accum_steps):
                 x, y = next(data)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-                with autocast, (ddp.no_sync() if world > 1 and micro < args.accum_steps - 1 else contextlib.nullcontext()):
-                    micro_loss = diffusion.training_losses(lambda xt, tt: ddp(xt, tt, y).float(), x, t)["loss"].mean()
-                    (micro_loss / args.accum_steps).backward()
-                loss = loss + micro_loss.detach() / args.accum_steps
+                last_micro = micro == args.accum_steps - 1  # DDP averages over ranks there, and only there
+                with ddp.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
+                    with autocast:
+                        loss = diffusion.training_losses(lambda xt, tt: ddp(xt, tt, y).float(), x, t)["loss"].mean()
+                    (loss / args.accum_steps if args.accum_steps > 1 else loss).backward()
+                micro_losses.append(loss.detach())
+            loss = micro_losses[0] if args.accum_steps == 1 else torch.stack(micro_losses).mean()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
             for group in opt.param_groups:
                 group["lr"] = learning_rate(args, step)
