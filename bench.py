@@ -249,11 +249,12 @@ SIZES = [(256, 1, 32), (512, 1, 8), (1024, 1, 2), (2048, 1, 1), (256, 16, 2)]
 BLOCK_TOKENS = [(256, 32), (1024, 8), (4096, 2), (16384, 1), (65536, 1)]
 
 
-def time_training(name, mixer, latent, frames, batch, scan, repeats):
+def time_training(name, mixer, latent, frames, batch, scan, repeats, compile_too=False):
     """ms per training step (forward, backward, AdamW) and per sampling forward, each as train.py and
-    sample.py run it, eager and with --cuda-graphs (the model recorded once, then replayed), and the
-    eager step's peak GB; bf16 autocast. Out of memory: retried with gradient checkpointing (training
-    graphs do not take it), then reported as such."""
+    sample.py run it, eager, with --cuda-graphs (the model recorded once, then replayed) and, with
+    compile_too, with --compile (torch.compile; its compilation is in the warm-up, not the time); and
+    the eager step's peak GB; bf16 autocast. Out of memory: retried with gradient checkpointing
+    (training graphs do not take it), then reported as such."""
     from diffusion import Diffusion
     from dim import build_model
     from sample import recorded
@@ -288,9 +289,18 @@ def time_training(name, mixer, latent, frames, batch, scan, repeats):
                     net(x, t)
 
             r = dict(train_ms=timed(train_step, repeats=repeats, warmup=2), memory=peak_memory_gb(train_step),
-                     grad_ckpt=grad_ckpt, train_graphed_ms=None)
+                     grad_ckpt=grad_ckpt, train_graphed_ms=None, train_compiled_ms=None, sample_compiled_ms=None)
+            if compile_too:
+                torch._dynamo.reset()
+                net = torch.compile(model)
+                r["train_compiled_ms"] = timed(lambda: train_step(net), repeats=repeats, warmup=3)
+                r["compiled_memory"] = peak_memory_gb(lambda: train_step(net))
             model.eval()
             r["sample_ms"] = timed(sample_step, repeats=repeats, warmup=1)
+            if compile_too:
+                r["sample_compiled_ms"] = timed(lambda: sample_step(lambda a, b: net(a, b, y)), repeats=repeats,
+                                                warmup=3)
+                net = None
             with torch.no_grad(), autocast:
                 replay = recorded(sample_forward, x, t)
             r["sample_graphed_ms"] = timed(lambda: sample_step(replay), repeats=repeats, warmup=1)
@@ -306,7 +316,7 @@ def time_training(name, mixer, latent, frames, batch, scan, repeats):
         except torch.cuda.OutOfMemoryError:
             continue
         finally:
-            model = opt = replay = None  # free the GPU memory before the next try
+            model = opt = replay = net = None  # free the GPU memory before the next try
     return dict(train_ms=None, memory=None, sample_ms=None, grad_ckpt=True)
 
 
@@ -345,26 +355,29 @@ def bench_model(args):
             ratio = f"{mamba / attention:.2f}" if attention and mamba else "-"
             attention_ms, mamba_ms = (f"{ms:.2f}" if ms else "OOM" for ms in (attention, mamba))
             print(f"| {scan} | {tokens:,} ({batch}) | {attention_ms} | {mamba_ms} | {ratio} |", flush=True)
-    print("\n| model | input | tokens x batch | mixer | train step ms | graphed | peak GB | sampling fwd ms | graphed | "
-          "images/s (250 steps, graphed) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| model | input | tokens x batch | mixer | train step ms | graphed | compiled | peak GB | sampling fwd ms "
+          "| graphed | compiled | images/s (250 steps, graphed) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    sizes = [s for s in SIZES if not args.sizes or f"{s[0]}" + (f"x{s[1]}" if s[1] > 1 else "") in args.sizes]
     for name in args.models:
-        for side, frames, batch in SIZES:
+        for side, frames, batch in sizes:
             latent = side // 8
             tokens = frames * (latent // int(name.split("/")[1])) ** 2
             for mixer in ("attention", "mamba"):
-                r = time_training(name, mixer, latent, frames, batch, args.model_scan, args.repeats)
+                r = time_training(name, mixer, latent, frames, batch, args.model_scan, args.repeats, args.compile)
                 r.update(model=name, side=side, frames=frames, batch=batch, tokens=tokens, mixer=mixer)
                 results["models"].append(r)
                 label = f"{side}px" + (f" x {frames} frames" if frames > 1 else "")
                 if r["train_ms"] is None:
-                    print(f"| {name} | {label} | {tokens:,} x {batch} | {mixer} | OOM | - | - | - | - | - |", flush=True)
+                    print(f"| {name} | {label} | {tokens:,} x {batch} | {mixer} | OOM |" + " - |" * 7, flush=True)
                     continue
-                graphed_train = f"{r['train_graphed_ms']:.1f}" if r["train_graphed_ms"] else "-"
+                graphed_train, compiled_train, compiled_sample = (f"{r[k]:.1f}" if r[k] else "-" for k in (
+                    "train_graphed_ms", "train_compiled_ms", "sample_compiled_ms"))
                 rate = batch / (250 * r["sample_graphed_ms"] / 1e3)
                 print(f"| {name} | {label} | {tokens:,} x {batch} | {mixer} | {r['train_ms']:.1f}"
-                      f"{' (grad ckpt)' if r['grad_ckpt'] else ''} | {graphed_train} | {r['memory']:.1f} | "
-                      f"{r['sample_ms']:.1f} | {r['sample_graphed_ms']:.1f} | {rate:.2f} |", flush=True)
+                      f"{' (grad ckpt)' if r['grad_ckpt'] else ''} | {graphed_train} | {compiled_train} | "
+                      f"{r['memory']:.1f} | {r['sample_ms']:.1f} | {r['sample_graphed_ms']:.1f} | {compiled_sample} | "
+                      f"{rate:.2f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -448,7 +461,13 @@ def main(argv=None):
         help="Triton forward kernel shapes to try, as DxW (channels per program x warps)")
     model = sub.add_parser("model", help="time DiM against attention, block and whole model (GPU)")
     model.add_argument("--models", nargs="+", default=["DiM-S/2", "DiM-XL/2"])
-    model.add_argument("--scan", nargs="+", default=["triton", "parallel"], help="scans for the block sweep")
+    model.add_argument("--scan", nargs="*", default=["triton", "parallel"], help="scans for the block sweep "
+                       "(none: no block sweep)")
+    model.add_argument("--sizes", nargs="+", default=None, help="whole-model inputs to time, as 256, 1024 or "
+                       "256x16 (frames); default: all of " + ", ".join(
+                           f"{side}" + (f"x{frames}" if frames > 1 else "") for side, frames, _ in SIZES))
+    model.add_argument("--compile", action="store_true", help="also time torch.compile's training step and "
+                       "sampling forward (compiling takes minutes)")
     model.add_argument("--model-scan", default="triton", help="scan for the whole-model timings")
     model.add_argument("--repeats", type=int, default=5)
     model.add_argument("--json", default=None, help="write all numbers to this file")

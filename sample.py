@@ -7,9 +7,9 @@ an .npz of many samples for FID / FVD (DiT's sample_ddp.py).
 
 The model is rebuilt from the arguments stored in the checkpoint; the EMA weights are used, as in
 DiT. On a GPU it runs under bf16 autocast, as it trained (--precision fp32 for full precision), and
---cuda-graphs replays one recorded forward at each step (small models). A model trained on latents
-has its samples decoded by the VAE the latents were made with. For the shapes data set, --judge
-reports how many samples show the class that was asked for.
+--cuda-graphs replays one recorded forward at each step (small models), --compile fuses it with
+torch.compile. A model trained on latents has its samples decoded by the VAE the latents were made
+with. For the shapes data set, --judge reports how many samples show the class that was asked for.
 
 Mass sampling draws sample i from noise seeded by (--seed, i) and labels it i mod classes, so the
 .npz is the same for any number of ranks, and a stopped run started again carries on where it was.
@@ -71,6 +71,16 @@ def check_device(device):
         raise UserError(f"--device {device}: not a device torch knows; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: this machine has no CUDA GPU that torch can use; try --device cpu")
+
+
+def compiled(module, device):
+    """torch.compile of module (--compile): the model's ops fused into fewer kernels, each scan one opaque
+    operator (scan.py registers them), so the graph has no break. The first calls compile (a minute
+    or more for a large model); on the CPU it needs a C++ compiler."""
+    if torch.device(device).type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise UserError("--compile on the CPU needs a C++ compiler (g++ or clang++; e.g. apt install g++); "
+                        "or leave --compile out")
+    return torch.compile(module)
 
 
 def check_scan_backend(backend, device):
@@ -301,6 +311,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="autocast precision of the model (default: bf16 on GPUs, fp32 on the CPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (its first forwards compile)")
     parser.add_argument("--cuda-graphs", action="store_true", help="record the model's forward once and replay "
                         "it every step: small models on fast GPUs wait on the host otherwise")
     parser.add_argument("--scan", choices=BACKENDS, default="auto",
@@ -345,6 +356,8 @@ def sample(args, rank=0, world=1, local_rank=0):
     check_scan_backend(args.scan, device)
     if args.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA GPU (--device cuda)")
+    if args.cuda_graphs and args.compile:
+        raise UserError("--compile and --cuda-graphs: choose one")
     trained_steps = Diffusion().num_timesteps
     if args.num_sampling_steps > trained_steps:
         raise UserError(f"--num-sampling-steps {args.num_sampling_steps}: the model was trained on {trained_steps} "
@@ -357,6 +370,8 @@ def sample(args, rank=0, world=1, local_rank=0):
     model = model_from_args(dict(train_args, scan=args.scan), info)
     load_weights(model, ckpt["model" if args.no_ema else "ema"], args.ckpt)
     model.to(device).eval()
+    if args.compile:
+        model = compiled(model, device)
     num_classes = info["num_classes"]
     if args.num_fid_samples:
         out = args.out or default_out(args, ckpt, "npz")

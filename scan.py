@@ -13,12 +13,12 @@ branch of the bidirectional mixer; no flipped copy of the inputs is made.
 
 Three implementations (backend="ref", "parallel", "triton"), which the tests prove equal:
   selective_scan_ref     the definition: a Python loop over t. Slow on purpose; read it first.
-  ParallelScan           pure PyTorch: the recurrence h_t = a_t h_{t-1} + b_t is solved chunk by
+  parallel_scan          pure PyTorch: the recurrence h_t = a_t h_{t-1} + b_t is solved chunk by
                          chunk of L, each chunk cut into blocks of a few steps that are all scanned
                          at once, one step after another, with recursive doubling (log-depth)
-                         across the blocks; a custom autograd.Function runs the same scan backwards
-                         for the gradient. Memory grows with one chunk, never with (B, D, L, N).
-  TritonScan             one fused Triton kernel forward and one backward, the state in registers,
+                         across the blocks; its gradient (parallel_scan_backward) runs the same scan
+                         backwards. Memory grows with one chunk, never with (B, D, L, N).
+  triton_scan            one fused Triton kernel forward and one backward, the state in registers,
                          checkpoints at tile boundaries. The fast path on GPUs.
 backend="auto" takes Triton for CUDA tensors when it is installed, else the parallel scan; asking
 for a backend that cannot run here is an error, never a silent fallback.
@@ -32,11 +32,12 @@ Inputs may be float32, bfloat16 or float16 (float64 for tests): the state and ev
 float32 (float64 stays float64) and the output has the dtype of `u`.
 """
 
-import functools
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 BACKENDS = ("auto", "ref", "parallel", "triton")
 CHUNK = 256  # steps per chunk of the parallel scan (a power of two): (256, B, N, D) fp32 at DiM-XL width is 302 MB
@@ -60,10 +61,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                f"{'installed' if triton is not None else 'not installed'}")
         wants_grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (u, delta, A, B, C, D, z, delta_bias))
-        return TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, wants_grad)
+        return triton_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, wants_grad)[0]
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     u32, delta = u.to(compute), _prepare_delta(delta.to(compute), delta_bias, delta_softplus)
-    y = ParallelScan.apply(u32, delta, A.to(compute), B.to(compute), C.to(compute), reverse)
+    y, _ = parallel_scan(u32, delta, A.to(compute), B.to(compute), C.to(compute), reverse)
     return _skip_and_gate(y, u32, D, z).to(u.dtype)
 
 
@@ -262,36 +263,44 @@ def _backward_chunk(delta, u, B, C, dy, At, base, scale, entries, k_next):
     return g_B * delta, ddelta, dB, dC, dAt, k_prev
 
 
-def _autocast_off(method):
-    """Runs an autograd.Function's forward or backward with autocast turned off. Under bf16 autocast
-    the scan's matmuls would round its fp32 sums to bf16 (and fail to write them into fp32 buffers)."""
-    @functools.wraps(method)
-    def run(ctx, first, *rest):
-        with torch.autocast(first.device.type, enabled=False):
-            return method(ctx, first, *rest)
-    return run
+# Both fast scans are registered with torch.library as operators, a forward and a backward each,
+# the backward attached as the forward's gradient (register_autograd). Eager code calls them like
+# any function; torch.compile sees each as one opaque node, instead of unrolling the loops over
+# chunks or failing to trace a Triton launch, so a compiled DiM has no graph break at its scans.
+# An operator's fake version (what compile runs on tensors without data, to learn the shapes and
+# strides of the outputs) is the function itself where that is plain PyTorch, and the function with
+# its kernel launch skipped for Triton: one piece of code decides the layouts, never two.
+
+def _operator(name, function, fake=None):
+    """`function` registered as the operator dim::name, with `fake` (or itself) as its fake version."""
+    op = torch.library.custom_op(f"dim::{name}", function, mutates_args=())
+    op.register_fake(fake or function)
+    return op
 
 
-class ParallelScan(torch.autograd.Function):
+def _chunking(length):
+    """The parallel scan's chunk (a power of two, no longer than needed) and the padded length."""
+    chunk = 1 << (min(CHUNK, length) - 1).bit_length()
+    return chunk, -(-length // chunk) * chunk
+
+
+def _parallel_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
     """y_t = <C_t, h_t> for h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, chunk by chunk.
 
     Time is cut into chunks of CHUNK steps, each chunk into blocks of BLOCK steps (powers of two),
-    and every state inside a chunk comes from blocked_scan. Forward keeps, besides its inputs, only
-    the state entering each block: (L / BLOCK, B, N, D), a BLOCK-th of all the states. Backward
-    walks the chunks against the scan's direction, recomputes a chunk's states from those, and
-    solves the adjoint recurrence with the same scan in the other direction: for k_t = a_t g_t, the
-    part of g = dLoss/dh that flows back through step t,
+    and every state inside a chunk comes from blocked_scan. Returns y (B, D, L) and, for the
+    backward, the state entering each block, (chunks, P, B, N, D): a BLOCK-th of all the states.
+    The backward walks the chunks against the scan's direction, recomputes a chunk's states from
+    those, and solves the adjoint recurrence with the same scan in the other direction: for
+    k_t = a_t g_t, the part of g = dLoss/dh that flows back through step t,
         k_t = a_t k_{t+1} + a_t e_t   with  e_t = C_t dy_t,   and   g_t = e_t + k_{t+1}.
     Every gradient is read off e, k and the states without dividing by a decay: db_t = g_t and
     d(delta_t A) = g_t a_t h_{t-1} = k_t h_{t-1}.
+    Autocast is off inside: under bf16 autocast the matmuls would round the fp32 sums to bf16.
     """
-
-    @staticmethod
-    @_autocast_off
-    def forward(ctx, u, delta, A, B, C, reverse):
-        length = u.shape[-1]
-        chunk = 1 << (min(CHUNK, length) - 1).bit_length()  # a power of two, no longer than needed
-        padded = -(-length // chunk) * chunk
+    with torch.autocast(u.device.type, enabled=False):
+        length, layout = u.shape[-1], u
+        chunk, padded = _chunking(length)
         u, delta, B, C = (_time_major(x, padded) for x in (u, delta, B, C))  # (L', B, D) and (L', B, N)
         y = torch.empty_like(u)                                              # (L', B, D)
         At = A.t().contiguous()                                              # (N, D)
@@ -301,29 +310,61 @@ class ParallelScan(torch.autograd.Function):
         for steps in _chunks(padded, chunk, reverse, u.device):             # steps: (q, P)
             y[steps], h, entry = _forward_chunk(delta[steps], u[steps], B[steps], C[steps], base, scale, h)
             entries.append(entry)
-        ctx.save_for_backward(u, delta, At, B, C, torch.stack(entries))     # (chunks, P, B, N, D)
-        ctx.reverse, ctx.length = reverse, length
-        return y[:length].permute(1, 2, 0)                                   # (B, D, L)
+        # y laid out like u, and the gradients below like their inputs: elementwise work that mixes
+        # them then runs along rows, and torch.compile's idea of the strides of its results is the
+        # one the real kernels give (it differs for mixed layouts)
+        y = _in_layout(y[:length].permute(1, 2, 0), layout)                 # (B, D, L)
+        return y, torch.stack(entries)                                       # (chunks, P, B, N, D)
 
-    @staticmethod
-    @_autocast_off
-    def backward(ctx, dy):
-        u, delta, At, B, C, entries = ctx.saved_tensors
-        padded, chunk = u.shape[0], u.shape[0] // len(entries)
-        dy = _time_major(dy, padded)                                         # (L', B, D)
+
+def _parallel_scan_backward(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, entries: Tensor,
+                            reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """du, ddelta (B, D, L), dA (D, N), dB, dC (B, N, L) of parallel_scan, from its inputs and entries."""
+    with torch.autocast(u.device.type, enabled=False):
+        length, inputs = u.shape[-1], (u, delta, B, C)
+        chunk, padded = _chunking(length)
+        u, delta, B, C, dy = (_time_major(x, padded) for x in (u, delta, B, C, dy))  # (L', B, D or N)
+        At = A.t().contiguous()                                              # (N, D)
         base, scale = _decay_base(At)
         du, ddelta, dB, dC = (torch.empty_like(x) for x in (u, delta, B, C))
         dAt = torch.zeros_like(At)
         k = torch.zeros_like(entries[0, 0])  # a g flowing back from the chunk after this one
-        chunks = _chunks(padded, chunk, ctx.reverse, u.device)
+        chunks = _chunks(padded, chunk, reverse, u.device)
         for i in reversed(range(len(chunks))):
             steps = chunks[i]
             du[steps], ddelta[steps], dB[steps], dC[steps], dAt_chunk, k = _backward_chunk(
                 delta[steps], u[steps], B[steps], C[steps], dy[steps], At, base, scale, entries[i], k)
             dAt += dAt_chunk
-        length = ctx.length
-        du, ddelta, dB, dC = (x[:length].permute(1, 2, 0) for x in (du, ddelta, dB, dC))
-        return du, ddelta, dAt.t(), dB, dC, None
+        du, ddelta, dB, dC = (_in_layout(x[:length].permute(1, 2, 0), like)  # (B, D or N, L)
+                              for x, like in zip((du, ddelta, dB, dC), inputs))
+        return du, ddelta, dAt.t(), dB, dC
+
+
+parallel_scan = _operator("parallel_scan", _parallel_scan)
+parallel_scan_backward = _operator("parallel_scan_backward", _parallel_scan_backward)
+
+
+def _only_y_has_a_gradient(ctx, output):
+    """What the forward keeps for the backward is no output to differentiate. Without this, autograd
+    would hand the backward a gradient of zeros for each, filled at every step (states: u's size in
+    fp32); with it, the gradient of an unused output is None."""
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _parallel_setup(ctx, inputs, output):
+    u, delta, A, B, C, ctx.reverse = inputs
+    ctx.save_for_backward(u, delta, A, B, C, output[1])
+    _only_y_has_a_gradient(ctx, output)
+
+
+def _parallel_gradient(ctx, dy, _):
+    if dy is None:  # y not used: nothing flows back
+        return (None,) * 6
+    return *parallel_scan_backward(dy, *ctx.saved_tensors, ctx.reverse), None
+
+
+parallel_scan.register_autograd(_parallel_gradient, setup_context=_parallel_setup)
 
 
 #################################################################################
@@ -587,58 +628,98 @@ def triton_available(device):
     return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-class TritonScan(torch.autograd.Function):
-    """The whole selective_scan (bias, softplus, D, z, reverse) in one forward and one backward kernel."""
+def _triton_inputs(u, delta, A, B, C, D, z, delta_bias):
+    """The inputs as the kernels take them. The kernels take any layout whose steps are contiguous,
+    one for u, delta, z, y (and their gradients), one for B and C: (B, D, L) as mamba_ssm stores them,
+    or channel-major as DiM's mixer does, with no copy. Anything else is copied into such a layout."""
+    y = _kernel_layout(u)
+    u, delta, z = (_in_layout(x, y) for x in (u, delta, z))
+    B = _in_layout(B, _kernel_layout(B))
+    C = _in_layout(C, B)
+    A, D, delta_bias = A.float().contiguous(), _float_or_none(D), _float_or_none(delta_bias)
+    tile = TRITON_TILE_BYTES // u.element_size()  # steps; at 16 fp32 steps Triton lays the tiles out worse
+    return u, delta, A, B, C, D, z, delta_bias, y, tile, -(-u.shape[-1] // tile)
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, wants_grad):
-        # The kernels take any layout whose steps are contiguous, one for u, delta, z, y (and their
-        # gradients), one for B and C: (B, D, L) as mamba_ssm stores them, or channel-major as DiM's mixer
-        # does, with no copy. Anything else is copied into such a layout first.
-        y = _kernel_layout(u)
-        u, delta, z = (_in_layout(x, y) for x in (u, delta, z))
-        B = _in_layout(B, _kernel_layout(B))
-        C = _in_layout(C, B)
-        A, D, delta_bias = A.float().contiguous(), _float_or_none(D), _float_or_none(delta_bias)
-        batch, dim, length = u.shape
-        state = A.shape[1]
-        tile = TRITON_TILE_BYTES // u.element_size()  # steps; at 16 fp32 steps Triton lays the tiles out worse
-        num_tiles = triton.cdiv(length, tile)
-        # the checkpoints (B, D, L/T, N) in fp32 (u's size in fp32 at T = N = 16), only for a backward
-        states = u.new_empty(batch, dim, num_tiles, state, dtype=torch.float32) if wants_grad else None
-        # y before the gate, in fp32, for dz (recomputing it costs the backward a sum over N each step)
-        ungated = torch.empty_like(u, dtype=torch.float32) if wants_grad and z is not None else None
+
+def _triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, wants_grad, launch):
+    """y (B, D, L), the checkpoints (B, D, L/T, N) fp32 and y before the gate (B, D, L) fp32, the last
+    two only for a backward (else empty). launch=False only makes the outputs (compile's fake run)."""
+    u, delta, A, B, C, D, z, delta_bias, y, tile, num_tiles = _triton_inputs(u, delta, A, B, C, D, z, delta_bias)
+    batch, dim, length = u.shape
+    state = A.shape[1]
+    # the checkpoints, the state entering each tile in fp32 (u's size in fp32 at T = N = 16)
+    states = u.new_empty((batch, dim, num_tiles, state) if wants_grad else (0,), dtype=torch.float32)
+    # y before the gate, in fp32, for dz (recomputing it costs the backward a sum over N each step)
+    keep_ungated = wants_grad and z is not None
+    ungated = torch.empty_like(u, dtype=torch.float32) if keep_ungated else u.new_empty(0, dtype=torch.float32)
+    if launch:
         grid = (batch, triton.cdiv(dim, TRITON_FORWARD_BLOCK_D))
-        _scan_forward_kernel[grid](u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), y, _or(ungated, A),
-                                   _or(states, A), dim, length, num_tiles, *y.stride()[:2], *B.stride()[:2],
+        _scan_forward_kernel[grid](u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), y, ungated,
+                                   states, dim, length, num_tiles, *y.stride()[:2], *B.stride()[:2],
                                    D is not None, z is not None,
                                    delta_bias is not None, delta_softplus, reverse, wants_grad, state,
                                    TRITON_FORWARD_BLOCK_D, tile, num_warps=TRITON_FORWARD_WARPS)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ungated, states)
-        ctx.options = (delta_softplus, reverse, tile)
-        return y
+    return y, states, ungated
 
-    @staticmethod
-    def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, ungated, states = ctx.saved_tensors
-        delta_softplus, reverse, tile = ctx.options
-        batch, dim, length = u.shape
-        state, num_tiles = A.shape[1], states.shape[2]
-        num_blocks = triton.cdiv(dim, TRITON_BLOCK_D)
-        dout = _in_layout(dout, u)
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta, dtype=torch.float32)  # laid out like u
-        dz = torch.empty_like(z) if z is not None else None
-        dA = u.new_empty(batch, dim, state, dtype=torch.float32)
-        dD = u.new_empty(batch, dim, dtype=torch.float32) if D is not None else None
-        dB, dC = (torch.zeros_like(B, dtype=torch.float32) for _ in range(2))  # atomic sums, laid out like B
-        _scan_backward_kernel[(batch, num_blocks)](
-            u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), _or(ungated, A), states, dout,
-            du, ddelta, _or(dz, du), dA, _or(dD, dA), dB, dC, dim, length, num_tiles, *u.stride()[:2], *B.stride()[:2],
+
+def _triton_backward(dout, u, delta, A, B, C, D, z, delta_bias, ungated, states, delta_softplus, reverse, launch):
+    """du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, each like its input (empty where the input is None)."""
+    delta_dtype, B_dtype, C_dtype = delta.dtype, B.dtype, C.dtype
+    u, delta, A, B, C, D, z, delta_bias, _, tile, num_tiles = _triton_inputs(u, delta, A, B, C, D, z, delta_bias)
+    batch, dim, length = u.shape
+    state = A.shape[1]
+    dout = _in_layout(dout, u)
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta, dtype=torch.float32)  # laid out like u
+    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    dA = u.new_empty(batch, dim, state, dtype=torch.float32)
+    dD = u.new_empty(batch, dim, dtype=torch.float32)
+    dB, dC = (torch.zeros_like(B, dtype=torch.float32) for _ in range(2))  # atomic sums, laid out like B
+    if launch:
+        _scan_backward_kernel[(batch, triton.cdiv(dim, TRITON_BLOCK_D))](
+            u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), ungated, states, dout,
+            du, ddelta, dz, dA, dD, dB, dC, dim, length, num_tiles, *u.stride()[:2], *B.stride()[:2],
             D is not None, z is not None, delta_bias is not None, delta_softplus, reverse,
             state, TRITON_BLOCK_D, tile, num_warps=TRITON_WARPS)
-        dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
-        return (du, ddelta.to(delta.dtype), dA.sum(0), dB.to(B.dtype), dC.to(C.dtype),
-                dD.sum(0) if D is not None else None, dz, dbias, None, None, None)
+    dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else u.new_empty(0)
+    return du, ddelta.to(delta_dtype), dA.sum(0), dB.to(B_dtype), dC.to(C_dtype), dD.sum(0), dz, dbias
+
+
+def _triton_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                 delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool,
+                 wants_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The whole selective_scan (bias, softplus, D, z, reverse) in one kernel; see _triton_forward."""
+    return _triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, wants_grad, launch=True)
+
+
+def _triton_scan_backward(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                          D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], ungated: Tensor,
+                          states: Tensor, delta_softplus: bool, reverse: bool) -> list[Tensor]:
+    """The gradients of triton_scan in one kernel (and a few sums); see _triton_backward."""
+    return list(_triton_backward(dout, u, delta, A, B, C, D, z, delta_bias, ungated, states, delta_softplus,
+                                 reverse, launch=True))
+
+
+triton_scan = _operator("triton_scan", _triton_scan,
+                        lambda *args: _triton_forward(*args, launch=False))
+triton_scan_backward = _operator("triton_scan_backward", _triton_scan_backward,
+                                 lambda *args: list(_triton_backward(*args, launch=False)))
+
+
+def _triton_setup(ctx, inputs, output):
+    *tensors, ctx.delta_softplus, ctx.reverse, _ = inputs                   # u, delta, A, B, C, D, z, delta_bias
+    ctx.save_for_backward(*tensors, output[2], output[1])                   # ..., ungated, states
+    _only_y_has_a_gradient(ctx, output)
+    ctx.given = [x is not None for x in tensors]
+
+
+def _triton_gradient(ctx, dout, _, __):
+    if dout is None:  # y not used: nothing flows back
+        return (None,) * 11
+    grads = triton_scan_backward(dout, *ctx.saved_tensors, ctx.delta_softplus, ctx.reverse)
+    return *(grad if given else None for grad, given in zip(grads, ctx.given)), None, None, None
+
+
+triton_scan.register_autograd(_triton_gradient, setup_context=_triton_setup)
 
 
 def _kernel_layout(x):

@@ -7,8 +7,9 @@
 
 DiT's recipe (AdamW, no weight decay, EMA of the weights, label dropout for classifier-free
 guidance, the hybrid loss of diffusion.py), with what small-GPU work needs: bf16 autocast, gradient
-clipping and checkpointing, exact resume, periodic EMA samples, a progress bar, and --cuda-graphs for
-small models on fast GPUs, whose steps otherwise wait on the host's kernel launches. The learning rate
+clipping and checkpointing, exact resume, periodic EMA samples, a progress bar, --compile
+(torch.compile), and --cuda-graphs for small models on fast GPUs, whose steps otherwise wait on the
+host's kernel launches. The learning rate
 decays on a cosine to zero at --max-steps (a short run ends better); --lr-schedule constant is DiT's.
 A run lives in results/NNN-<model>[-attention]-<dataset>[-<T>f]/ with log.txt, loss.png,
 checkpoints/NNNNNNN.pt and samples/. --accum-steps splits a step into micro-batches for small GPUs;
@@ -38,8 +39,8 @@ from data import DATASETS, UserError, make_dataset, number_in, process_group, ru
 from diffusion import Diffusion
 from evaluate import TrainingFID
 from dim import PRESETS
-from sample import (check_scan_backend, generate, load_checkpoint, load_weights, model_from_args, positive_int,
-                    precision_for, save_samples, to_pixels)
+from sample import (check_scan_backend, compiled, generate, load_checkpoint, load_weights, model_from_args,
+                    positive_int, precision_for, save_samples, to_pixels)
 from scan import BACKENDS
 
 ARCHITECTURE = ("model", "image_size", "num_frames", "mixer", "dataset")  # must match to resume
@@ -79,6 +80,8 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="autocast precision (default: bf16 on GPUs, fp32 on the CPU)")
     parser.add_argument("--grad-ckpt", action="store_true", help="recompute each block in the backward pass")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model: fewer, fused kernels "
+                        "(the first steps compile)")
     parser.add_argument("--cuda-graphs", action="store_true", help="record the model's forward and backward once "
                         "and replay them every step (one GPU): small models on fast GPUs wait on the host otherwise")
     parser.add_argument("--scan", choices=BACKENDS, default="auto",
@@ -123,7 +126,8 @@ def model_size(model):
 
 
 # choices of this machine and session, not of the run
-NOT_INHERITED = {"resume", "results_dir", "no_progress", "num_workers", "given", "scan", "cuda_graphs", "inception"}
+NOT_INHERITED = {"resume", "results_dir", "no_progress", "num_workers", "given", "scan", "cuda_graphs", "compile",
+                 "inception"}
 
 
 def inherit_flags(args, old):
@@ -364,6 +368,8 @@ def train(args, rank, world, local_rank):
     if args.cuda_graphs and (world > 1 or args.grad_ckpt or args.accum_steps > 1):
         raise UserError("--cuda-graphs records the whole model on one GPU: not under torchrun, not with --grad-ckpt "
                         "or --accum-steps")
+    if args.cuda_graphs and args.compile:
+        raise UserError("--compile and --cuda-graphs: choose one")
     dataset, info = make_dataset(args.dataset, args.data_path, args.image_size, args.num_frames, args.global_seed,
                                  args.frame_interval, args.split, flip=not args.no_flip)
     args.image_size, args.num_frames = info["image_size"], info["num_frames"]  # the data set's defaults
@@ -422,7 +428,8 @@ def train(args, rank, world, local_rank):
     log = Logger(run_dir)
     log(f"{'resumed at step ' + str(step) if step else 'started'}: {args.model} ({args.mixer}), "
         f"{model.num_params() / 1e6:.2f} M parameters, {model.gmacs():.3f} GMACs per sample, "
-        f"{len(dataset)} items of {args.dataset}, {world} rank(s) on {device.type}, {precision}, global batch "
+        f"{len(dataset)} items of {args.dataset}, {world} rank(s) on {device.type}, {precision}"
+        f"{', compiled' if args.compile else ''}, global batch "
         f"{args.global_batch_size}" + (f" ({args.accum_steps} micro-batches of {local_batch} a rank)"
                                        if args.accum_steps > 1 else "")
         + f", lr {args.lr:g}" + (f" (the default for DiM-{model_size(args.model)})" if default_lr else "")
@@ -440,6 +447,8 @@ def train(args, rank, world, local_rank):
         model.train()
         if args.cuda_graphs:
             ddp = graphed(model, local_batch, autocast)
+        if args.compile:
+            ddp = compiled(ddp, device)
         bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0 or args.no_progress, desc="training")
         losses, norms, last_time, last_step = [], [], time.time(), step
         last_checkpoint = None

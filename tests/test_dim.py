@@ -168,3 +168,31 @@ def test_tiny_model_overfits_one_batch(mixer):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize("backend", ["parallel", "triton"])
+def test_compiled_model_is_one_graph_and_computes_what_eager_does(backend, monkeypatch):
+    """torch.compile sees each scan as one registered operator: the whole DiM (with label dropout, a
+    video's frames, both scan directions) compiles with fullgraph=True, which fails at any graph
+    break, and gives eager's outputs and gradients. aot_eager runs the traced graphs without Inductor's
+    code generation (that is tests/test_small_gpu.py's), so it needs no C++ compiler and is exact."""
+    if backend == "triton" and scan.triton is None:
+        pytest.skip("Triton is not installed (it comes with CUDA builds of torch)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # Triton's interpreter pays for every program: one program for all 64 channels
+        monkeypatch.setattr(scan, "TRITON_BLOCK_D", 64)
+        monkeypatch.setattr(scan, "TRITON_FORWARD_BLOCK_D", 64)
+    torch.manual_seed(0)
+    model = randomize(tiny(num_frames=2, scan_backend=backend)).to(device)
+    x = torch.randn(3, 2, 3, 8, 8, device=device)
+    t, y = torch.tensor([1, 500, 999], device=device), torch.tensor([0, 4, 2], device=device)
+    torch._dynamo.reset()
+    results = []
+    for net in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        torch.manual_seed(1)  # the same labels dropped
+        out = net(x, t, y)
+        results.append((out, torch.autograd.grad(out.square().sum(), list(model.parameters()))))
+    (out, grads), (out_compiled, grads_compiled) = results
+    torch.testing.assert_close(out_compiled, out, rtol=1e-6, atol=1e-6)
+    for (name, _), a, b in zip(model.named_parameters(), grads_compiled, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"gradient of {name}")

@@ -304,3 +304,27 @@ def test_triton_backend_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend='triton' needs Triton and CUDA tensors"):
         selective_scan(**make_inputs(1, 2, 3, 2, dtype=torch.float32), backend="triton")
+
+
+#################################################################################
+#          The scans as operators: what torch.compile needs of them             #
+#################################################################################
+
+@pytest.mark.parametrize("channel_major", [False, True])
+def test_the_scan_operators_pass_torch_library_opcheck(channel_major):
+    """torch.library's own check of a registered operator: its schema, its gradient's registration, and
+    that its fake version gives the real outputs' shapes and strides (what compile plans with), also
+    when traced by AOT autograd with dynamic shapes. Channel-major is the layout DiM's mixer passes."""
+    x = {k: v.float() for k, v in make_inputs(2, 6, 37, 4).items()}
+
+    def laid_out(name):
+        v = x[name].transpose(0, 1).contiguous().transpose(0, 1) if channel_major and x[name].dim() == 3 else x[name]
+        return v.clone().requires_grad_()
+
+    u, delta, A, B, C, D, z, bias = (laid_out(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    torch.library.opcheck(scan.parallel_scan, (u, delta, A, B, C, True))
+    if scan.triton is not None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        on = [v.detach().to(device).requires_grad_() for v in (u, delta, A, B, C, D, z, bias)]
+        torch.library.opcheck(scan.triton_scan, (*on, True, False, True))
+        torch.library.opcheck(scan.triton_scan, (*on[:5], None, None, None, False, True, True))

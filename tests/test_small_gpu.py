@@ -1,13 +1,15 @@
 """What a small-GPU run needs, on the CPU: gradient accumulation that is the large batch, resume with it,
-learning rates by model size, flips off, cheap or no sample grids, and what the log says."""
+learning rates by model size, flips off, cheap or no sample grids, what the log says, and --compile."""
 
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 import data
+import sample
 import train
 from diffusion import Diffusion
 
@@ -99,3 +101,32 @@ def test_flips_can_be_turned_off(tmp_path):
     seen = {bool(flipping[0][0][0, 0, 0] > 0) for _ in range(20)}
     assert seen == {True, False}                                                  # flipped about half the time
     assert all(fixed[0][0][0, 0, 0] > 0 for _ in range(20))
+
+
+def test_compile_trains_and_samples_as_eager(tmp_path, monkeypatch, capsys):
+    """--compile: Inductor's fused kernels (C++ on the CPU) with each scan one opaque operator train
+    as eager does, to fp32 rounding, and sample.py --compile draws the same samples. Inductor draws
+    random numbers its own way unless told to take torch's (label dropout): here it is told to, so that
+    both runs see the same draws."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch._dynamo.reset()
+    flags = ["--max-steps", "3", "--log-every", "1", "--global-batch-size", "8", "--ckpt-every", "3"]
+    eager = run(tmp_path / "a", *flags)
+    compiled = run(tmp_path / "b", *flags, "--compile")
+    with open(os.path.join(compiled["run_dir"], "log.txt")) as f:
+        assert "fp32, compiled, global batch 8" in f.readline()
+    for a, b in zip(eager["model"].parameters(), compiled["model"].parameters()):
+        # AdamW's steps are about lr * sign(grad): where a gradient is near zero its rounding shows
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+        assert ((a - b).abs() > 1e-6).float().mean() < 0.01
+    drawn = [sample.main(sample.parse_args(["--ckpt", compiled["checkpoint"], "--num-samples", "4",
+                                            "--num-sampling-steps", "2", "--out", str(tmp_path / f"{i}.png")]
+                                           + flags_of_run)) for i, flags_of_run in enumerate([[], ["--compile"]])]
+    torch.testing.assert_close(drawn[1]["samples"], drawn[0]["samples"], rtol=0, atol=1e-4)
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(sample.shutil, "which", lambda name: None)
+    with pytest.raises(data.UserError, match="--compile on the CPU needs a C\\+\\+ compiler"):
+        run(tmp_path, "--max-steps", "1", "--global-batch-size", "8", "--compile")
+    assert not os.listdir(tmp_path / "results")  # and no run folder left behind
