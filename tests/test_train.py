@@ -119,11 +119,12 @@ def test_learning_rate_schedule():
     assert {train.learning_rate(args, step) for step in (0, 1, 500, 10**6)} == {1e-3}
 
 
-def test_torchrun_two_ranks_on_gloo(tmp_path):
+@pytest.mark.parametrize("flags,port", [([], 29517), (["--compile"], 29518)])  # DDP of the compiled model too
+def test_torchrun_two_ranks_on_gloo(tmp_path, flags, port):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")  # CPUs, also on a GPU machine
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                os.path.join(ROOT, "train.py"), *TINY, "--max-steps", "3", "--log-every", "1",
-               "--sample-every", "3", "--results-dir", str(tmp_path / "results")]
+               "--sample-every", "3", "--results-dir", str(tmp_path / "results"), *flags]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = os.listdir(tmp_path / "results")
