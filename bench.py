@@ -257,7 +257,7 @@ def time_training(name, mixer, latent, frames, batch, scan, repeats, compile_too
     (training graphs do not take it), then reported as such."""
     from diffusion import Diffusion
     from dim import build_model
-    from sample import recorded
+    from sample import compiled, recorded
     from train import graphed
 
     for grad_ckpt in (False, True):
@@ -292,7 +292,7 @@ def time_training(name, mixer, latent, frames, batch, scan, repeats, compile_too
                      grad_ckpt=grad_ckpt, train_graphed_ms=None, train_compiled_ms=None, sample_compiled_ms=None)
             if compile_too:
                 torch._dynamo.reset()
-                net = torch.compile(model)
+                net = compiled(model, "cuda")
                 r["train_compiled_ms"] = timed(lambda: train_step(net), repeats=repeats, warmup=3)
                 r["compiled_memory"] = peak_memory_gb(lambda: train_step(net))
             model.eval()

@@ -629,16 +629,17 @@ def triton_available(device):
 
 
 def _triton_inputs(u, delta, A, B, C, D, z, delta_bias):
-    """The inputs as the kernels take them. The kernels take any layout whose steps are contiguous,
-    one for u, delta, z, y (and their gradients), one for B and C: (B, D, L) as mamba_ssm stores them,
-    or channel-major as DiM's mixer does, with no copy. Anything else is copied into such a layout."""
-    y = _kernel_layout(u)
-    u, delta, z = (_in_layout(x, y) for x in (u, delta, z))
+    """The inputs as the kernels take them, and an empty tensor like u in their layout (the forward's y,
+    the backward's du). The kernels take any layout whose steps are contiguous, one for u, delta, z, y
+    (and their gradients), one for B and C: (B, D, L) as mamba_ssm stores them, or channel-major as
+    DiM's mixer does, with no copy. Anything else is copied into such a layout."""
+    out = _kernel_layout(u)
+    u, delta, z = (_in_layout(x, out) for x in (u, delta, z))
     B = _in_layout(B, _kernel_layout(B))
     C = _in_layout(C, B)
     A, D, delta_bias = A.float().contiguous(), _float_or_none(D), _float_or_none(delta_bias)
     tile = TRITON_TILE_BYTES // u.element_size()  # steps; at 16 fp32 steps Triton lays the tiles out worse
-    return u, delta, A, B, C, D, z, delta_bias, y, tile, -(-u.shape[-1] // tile)
+    return u, delta, A, B, C, D, z, delta_bias, out, tile, -(-u.shape[-1] // tile)
 
 
 def _triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, wants_grad, launch):
@@ -663,13 +664,13 @@ def _triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
 
 
 def _triton_backward(dout, u, delta, A, B, C, D, z, delta_bias, ungated, states, delta_softplus, reverse, launch):
-    """du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, each like its input (empty where the input is None)."""
+    """[du, ddelta, dA, dB, dC, dD, dz, ddelta_bias], each like its input (empty where the input is None)."""
     delta_dtype, B_dtype, C_dtype = delta.dtype, B.dtype, C.dtype
-    u, delta, A, B, C, D, z, delta_bias, _, tile, num_tiles = _triton_inputs(u, delta, A, B, C, D, z, delta_bias)
+    u, delta, A, B, C, D, z, delta_bias, du, tile, num_tiles = _triton_inputs(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, length = u.shape
     state = A.shape[1]
     dout = _in_layout(dout, u)
-    du, ddelta = torch.empty_like(u), torch.empty_like(delta, dtype=torch.float32)  # laid out like u
+    ddelta = torch.empty_like(delta, dtype=torch.float32)                   # laid out like u
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
     dA = u.new_empty(batch, dim, state, dtype=torch.float32)
     dD = u.new_empty(batch, dim, dtype=torch.float32)
@@ -680,8 +681,9 @@ def _triton_backward(dout, u, delta, A, B, C, D, z, delta_bias, ungated, states,
             du, ddelta, dz, dA, dD, dB, dC, dim, length, num_tiles, *u.stride()[:2], *B.stride()[:2],
             D is not None, z is not None, delta_bias is not None, delta_softplus, reverse,
             state, TRITON_BLOCK_D, tile, num_warps=TRITON_WARPS)
+    dD = dD.sum(0) if D is not None else u.new_empty(0)
     dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else u.new_empty(0)
-    return du, ddelta.to(delta_dtype), dA.sum(0), dB.to(B_dtype), dC.to(C_dtype), dD.sum(0), dz, dbias
+    return [du, ddelta.to(delta_dtype), dA.sum(0), dB.to(B_dtype), dC.to(C_dtype), dD, dz, dbias]
 
 
 def _triton_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
@@ -695,14 +697,14 @@ def _triton_scan_backward(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: 
                           D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], ungated: Tensor,
                           states: Tensor, delta_softplus: bool, reverse: bool) -> list[Tensor]:
     """The gradients of triton_scan in one kernel (and a few sums); see _triton_backward."""
-    return list(_triton_backward(dout, u, delta, A, B, C, D, z, delta_bias, ungated, states, delta_softplus,
-                                 reverse, launch=True))
+    return _triton_backward(dout, u, delta, A, B, C, D, z, delta_bias, ungated, states, delta_softplus, reverse,
+                            launch=True)
 
 
 triton_scan = _operator("triton_scan", _triton_scan,
                         lambda *args: _triton_forward(*args, launch=False))
 triton_scan_backward = _operator("triton_scan_backward", _triton_scan_backward,
-                                 lambda *args: list(_triton_backward(*args, launch=False)))
+                                 lambda *args: _triton_backward(*args, launch=False))
 
 
 def _triton_setup(ctx, inputs, output):

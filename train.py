@@ -9,8 +9,8 @@ DiT's recipe (AdamW, no weight decay, EMA of the weights, label dropout for clas
 guidance, the hybrid loss of diffusion.py), with what small-GPU work needs: bf16 autocast, gradient
 clipping and checkpointing, exact resume, periodic EMA samples, a progress bar, --compile
 (torch.compile), and --cuda-graphs for small models on fast GPUs, whose steps otherwise wait on the
-host's kernel launches. The learning rate
-decays on a cosine to zero at --max-steps (a short run ends better); --lr-schedule constant is DiT's.
+host's kernel launches. The learning rate decays on a cosine to zero at --max-steps (a short run
+ends better); --lr-schedule constant is DiT's.
 A run lives in results/NNN-<model>[-attention]-<dataset>[-<T>f]/ with log.txt, loss.png,
 checkpoints/NNNNNNN.pt and samples/. --accum-steps splits a step into micro-batches for small GPUs;
 --eval-every logs the FID of EMA samples (evaluate.py).
@@ -419,6 +419,8 @@ def train(args, rank, world, local_rank):
         torch.manual_seed(args.global_seed * world + rank)  # each rank its own noise and timesteps
     ddp = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if world > 1 else model
+    if args.compile:  # lazy: it compiles at the first step; a machine that cannot is told here, before any work
+        ddp = compiled(ddp, device)
 
     # --- the run folder (rank 0 writes; resuming continues the same folder) --------------------
     run_dir, new_run = None, resume is None or not is_run_checkpoint(resume_path)
@@ -447,8 +449,6 @@ def train(args, rank, world, local_rank):
         model.train()
         if args.cuda_graphs:
             ddp = graphed(model, local_batch, autocast)
-        if args.compile:
-            ddp = compiled(ddp, device)
         bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0 or args.no_progress, desc="training")
         losses, norms, last_time, last_step = [], [], time.time(), step
         last_checkpoint = None
