@@ -26,6 +26,7 @@ import os
 import re
 import socket
 import sys
+import time
 
 import numpy as np
 import torch
@@ -94,12 +95,22 @@ def process_group():
 
 def run_script(main, parse_args=None):
     """The command-line entry of each script: main(parse_args()), and a UserError as one line on stderr
-    and exit status 1, printed by rank 0 alone under torchrun (every rank meets the same error)."""
+    and exit status 1. Under torchrun rank 0 alone prints it (every rank meets the same error, mostly),
+    and torchrun then prints its own report of the failed ranks, which no rank can silence: each rank
+    writes its line to the error file torchrun reads, so that the report names the cause (also of an
+    error only one rank met) instead of "To enable traceback see ...". """
     try:
         main(parse_args()) if parse_args else main()
     except UserError as error:
-        if os.environ.get("RANK", "0") == "0":
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
             print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": {"message": f"error: {error}",  # the form torchrun's own record writes
+                                       "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+            if rank != "0":  # torchrun stops every rank once one fails: give rank 0 the time to say it
+                time.sleep(2)
         sys.exit(1)
 
 

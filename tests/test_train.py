@@ -134,6 +134,20 @@ def test_torchrun_two_ranks_on_gloo(tmp_path, flags, port):
     assert "2 rank(s)" in log and "weights identical on all 2 ranks: True" in log
     assert log.count("loss ") == 3
 
+def test_torchrun_error_is_printed_once_and_named_in_torchruns_report(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29520",
+               os.path.join(ROOT, "train.py"), *TINY, "--global-batch-size", "7", "--results-dir", str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    message = "error: --global-batch-size 7 is not divisible by the 2 ranks x 1 accumulation steps"
+    assert result.returncode == 1
+    assert result.stderr.split("\n").count(message) == 1                  # once, by rank 0
+    assert "Traceback" not in result.stderr.split("ChildFailedError")[-1]  # no rank's traceback in the report
+    assert result.stderr.count(f"traceback : {message}") >= 1              # the report names the cause
+    assert "To enable traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
 
 def test_default_sample_names_hold_every_option_and_judge_reports_colours_and_shapes(tmp_path, capsys):
     ckpt = run(tmp_path, "--max-steps", "1", "--sample-every", "100")["checkpoint"]
