@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from scan import selective_scan
+from scan import conv_silu, selective_scan
 
 
 @dataclass
@@ -84,7 +84,7 @@ class ScanBranch(nn.Module):
     def __init__(self, inner, d_state, d_conv, dt_rank):
         super().__init__()
         self.dt_rank, self.d_state = dt_rank, d_state
-        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner)  # depthwise; run as a conv2d in forward
+        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner)  # depthwise; run by scan.conv_silu
         self.x_proj = nn.Linear(inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, inner)
         self.A_log = nn.Parameter(torch.empty(inner, d_state))
@@ -96,14 +96,9 @@ class ScanBranch(nn.Module):
         """x, z: (N, E, L), best stored channel-major as (E, N, L), the way BiMamba makes them: then every
         step is one pass or one matrix product over all N L tokens, with no transposing copy (as in
         mamba_ssm). reverse: scan and convolve from the last token to the first."""
-        batch, inner, length = x.shape
-        weight, k = self.conv1d.weight[:, :, None], self.conv1d.kernel_size[0]  # (E, 1, 1, k)
-        if reverse:  # anti-causal: look k - 1 tokens ahead, the mirror image of the causal conv
-            weight = weight.flip(-1)
-        # the depthwise conv over time of each sequence, with k - 1 zeros both sides: its first L
-        # outputs look k - 1 tokens back, its last L (kernel flipped) k - 1 ahead
-        x = F.conv2d(x.transpose(0, 1)[None], weight, self.conv1d.bias, padding=(0, k - 1), groups=inner)[0]
-        x = F.silu(x[..., k - 1:] if reverse else x[..., :length]).reshape(inner, -1)  # (E, N L)
+        batch = x.shape[0]
+        # the depthwise conv over time of each sequence, then SiLU; reverse: anti-causal, k - 1 tokens ahead
+        x = channel_major(conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias, reverse, backend))  # (E, N L)
         dt, B, C = (self.x_proj.weight @ x).split([self.dt_rank, self.d_state, self.d_state])  # (R | S | S, N L)
         delta = self.dt_proj.weight @ dt                                     # (E, N L)
         A = -torch.exp(self.A_log.float())                                   # (E, S)

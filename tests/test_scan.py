@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import scan
@@ -307,6 +308,65 @@ def test_triton_backend_refuses_what_it_cannot_run(monkeypatch):
 
 
 #################################################################################
+#                     The convolution before the scan                           #
+#################################################################################
+
+def conv_silu_definition(x, weight, bias, reverse):
+    """silu(bias + sum_j weight_j x_{t-(k-1)+j}) written plainly: left-padded conv1d, on a flipped
+    sequence for reverse (the backward branch as Vim writes it)."""
+    k = weight.shape[1]
+    x = x.flip(-1) if reverse else x
+    out = F.silu(F.conv1d(F.pad(x, (k - 1, 0)), weight[:, None], bias, groups=x.shape[1]))
+    return out.flip(-1) if reverse else out
+
+
+@pytest.mark.parametrize("backend", ["parallel", "triton"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_conv_silu_equals_definition(backend, reverse, monkeypatch):
+    if backend == "triton" and scan.triton is None:
+        pytest.skip("Triton is not installed (it comes with CUDA builds of torch)")
+    monkeypatch.setattr(scan, "CONV_BLOCK_L", 16)  # 37 steps: three tiles, the last one partly outside
+    device = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+    g = torch.Generator().manual_seed(1)
+    for batch, dim, length, k in ((3, 5, 37, 4), (2, 3, 1, 4), (1, 4, 16, 3)):
+        rows = torch.randn(2 * dim, batch * length, generator=g, dtype=torch.float64)  # as in_proj writes x and z
+        x = rows[:dim].view(dim, batch, length).transpose(0, 1)            # (B, D, L), stored channel-major
+        weight, bias = torch.randn(dim, k, generator=g, dtype=torch.float64), torch.randn(dim, generator=g,
+                                                                                            dtype=torch.float64)
+        dout = torch.randn(batch, dim, length, generator=g, dtype=torch.float64)
+        ref = [v.clone().requires_grad_() for v in (x, weight, bias)]
+        out_ref = conv_silu_definition(*ref, reverse)
+        grads_ref = torch.autograd.grad(out_ref, ref, dout)
+        on = [v.float().to(device).requires_grad_() for v in (x, weight, bias)]  # float() keeps the layout
+        out = scan.conv_silu(*on, reverse=reverse, backend=backend)
+        grads = torch.autograd.grad(out, on, dout.float().to(device))
+        assert out.stride() == on[0].stride() and grads[0].stride() == on[0].stride()  # channel-major in, out
+        torch.testing.assert_close(out.double().cpu(), out_ref, rtol=1e-5, atol=1e-5)
+        for name, a, b in zip(("x", "weight", "bias"), grads, grads_ref):
+            torch.testing.assert_close(a.double().cpu(), b, rtol=1e-5, atol=1e-5, msg=f"gradient of {name}")
+    with pytest.raises(ValueError, match="backend='fast' is not one of"):
+        scan.conv_silu(x, weight, bias, backend="fast")
+
+
+@pytest.mark.skipif(scan.triton is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
+def test_conv_silu_kernels_take_bf16_and_keep_fp32_sums():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 40, generator=g).bfloat16().to(device).requires_grad_()
+    weight = torch.randn(6, 4, generator=g).to(device).requires_grad_()
+    bias = torch.randn(6, generator=g).to(device).requires_grad_()
+    out = scan.conv_silu(x, weight, bias, backend="triton")
+    dx, dweight, dbias = torch.autograd.grad(out, (x, weight, bias), torch.ones_like(out))
+    assert out.dtype == dx.dtype == torch.bfloat16 and dweight.dtype == dbias.dtype == torch.float32
+    ref = [v.detach().double().cpu().requires_grad_() for v in (x, weight, bias)]
+    out_ref = conv_silu_definition(*ref, False)
+    grads_ref = torch.autograd.grad(out_ref, ref, torch.ones_like(out_ref))
+    torch.testing.assert_close(out.double().cpu(), out_ref, rtol=1e-2, atol=1e-2)  # bf16's rounding of out
+    torch.testing.assert_close(dweight.double().cpu(), grads_ref[1], rtol=1e-5, atol=1e-4)  # fp32 from bf16 x
+    torch.testing.assert_close(dbias.double().cpu(), grads_ref[2], rtol=1e-5, atol=1e-4)
+
+
+#################################################################################
 #          The scans as operators: what torch.compile needs of them             #
 #################################################################################
 
@@ -328,3 +388,7 @@ def test_the_scan_operators_pass_torch_library_opcheck(channel_major):
         on = [v.detach().to(device).requires_grad_() for v in (u, delta, A, B, C, D, z, bias)]
         torch.library.opcheck(scan.triton_scan, (*on, True, False, True))
         torch.library.opcheck(scan.triton_scan, (*on[:5], None, None, None, False, True, True))
+        x, weight, conv_bias = u.detach().to(device), A.detach().to(device), D.detach().to(device)
+        for reverse in (False, True):
+            torch.library.opcheck(scan.triton_conv_silu, (x.requires_grad_(), weight.requires_grad_(),
+                                                          conv_bias.requires_grad_(), reverse))
