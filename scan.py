@@ -543,7 +543,7 @@ if triton is not None:
             if HAS_D:
                 y += skip[:, None] * u
             if HAS_Z:
-                if KEEP_STATES:  # y before the gate, in fp32: the backward's dz needs it
+                if KEEP_STATES:  # y before the gate, in u's dtype: the backward's dz needs it
                     tl.store(ungated_ptr + offsets, y, mask=valid)
                 z = z.to(tl.float32)
                 y = y * z * tl.sigmoid(z)
@@ -606,7 +606,7 @@ if triton is not None:
             if HAS_Z:  # y_out = y * silu(z), with y (before the gate) as the forward stored it
                 z = z.to(tl.float32)
                 sig = tl.sigmoid(z)
-                tl.store(dz_ptr + offsets, dy * y * sig * (1.0 + z * (1.0 - sig)), mask=valid)
+                tl.store(dz_ptr + offsets, dy * y.to(tl.float32) * sig * (1.0 + z * (1.0 - sig)), mask=valid)
                 dy = dy * z * sig
             g_B = tl.zeros((BLOCK_D, T), dtype=tl.float32)                     # sum_n g B, each step
             g_A = tl.zeros((BLOCK_D, T), dtype=tl.float32)                     # sum_n g a h_{t-1} A
@@ -671,16 +671,16 @@ def _triton_inputs(u, delta, A, B, C, D, z, delta_bias):
 
 
 def _triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, wants_grad, launch):
-    """y (B, D, L), the checkpoints (B, D, L/T, N) fp32 and y before the gate (B, D, L) fp32, the last
-    two only for a backward (else empty). launch=False only makes the outputs (compile's fake run)."""
+    """y (B, D, L), the checkpoints (B, D, L/T, N) fp32 and y before the gate (B, D, L) in u's dtype, the
+    last two only for a backward (else empty). launch=False only makes the outputs (compile's fake run)."""
     u, delta, A, B, C, D, z, delta_bias, y, tile, num_tiles = _triton_inputs(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, length = u.shape
     state = A.shape[1]
     # the checkpoints, the state entering each tile in fp32 (u's size in fp32 at T = N = 16)
     states = u.new_empty((batch, dim, num_tiles, state) if wants_grad else (0,), dtype=torch.float32)
-    # y before the gate, in fp32, for dz (recomputing it costs the backward a sum over N each step)
-    keep_ungated = wants_grad and z is not None
-    ungated = torch.empty_like(u, dtype=torch.float32) if keep_ungated else u.new_empty(0, dtype=torch.float32)
+    # y before the gate, for dz (recomputing it costs the backward a sum over N each step), in u's dtype
+    # as mamba_ssm keeps it: dz is rounded to that dtype anyway, and in bf16 this saves 2 bytes a value
+    ungated = torch.empty_like(u) if wants_grad and z is not None else u.new_empty(0)
     if launch:
         grid = (batch, triton.cdiv(dim, TRITON_FORWARD_BLOCK_D))
         _scan_forward_kernel[grid](u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), y, ungated,
