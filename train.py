@@ -125,7 +125,7 @@ def model_size(model):
     return model.split("-")[1].split("/")[0]
 
 
-# choices of this machine and session, not of the run
+# choices of this machine and this invocation, not of the run: a resume does not inherit them
 NOT_INHERITED = {"resume", "results_dir", "no_progress", "num_workers", "given", "scan", "cuda_graphs", "compile",
                  "inception"}
 
