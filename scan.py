@@ -23,6 +23,11 @@ Three implementations (backend="ref", "parallel", "triton"), which the tests pro
 backend="auto" takes Triton for CUDA tensors when it is installed, else the parallel scan; asking
 for a backend that cannot run here is an error, never a silent fallback.
 
+The step before the scan in a Mamba branch, silu of a short depthwise causal convolution over time
+(`conv_silu`), lives here too: PyTorch's conv2d on the other backends, one Triton kernel each way
+on the Triton one (a convolution of 4 taps is too little work to pay for PyTorch's launches and
+copies on a GPU).
+
 Glossary (shapes as in mamba_ssm):
   B  batch        D  channels        L  sequence length        N  state size
   u, delta, z : (B, D, L)      A : (D, N), negative      B, C : (B, N, L)      D, delta_bias : (D,)
