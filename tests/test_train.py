@@ -134,6 +134,7 @@ def test_torchrun_two_ranks_on_gloo(tmp_path, flags, port):
     assert "2 rank(s)" in log and "weights identical on all 2 ranks: True" in log
     assert log.count("loss ") == 3
 
+
 def test_torchrun_error_is_printed_once_and_named_in_torchruns_report(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29520",
@@ -146,7 +147,6 @@ def test_torchrun_error_is_printed_once_and_named_in_torchruns_report(tmp_path):
     assert result.stderr.count(f"traceback : {message}") >= 1              # the report names the cause
     assert "To enable traceback" not in result.stderr
     assert os.listdir(tmp_path) == []
-
 
 
 def test_default_sample_names_hold_every_option_and_judge_reports_colours_and_shapes(tmp_path, capsys):
