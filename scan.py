@@ -73,7 +73,8 @@ def conv_silu(x, weight, bias, reverse=False, backend="auto"):
 
     x (B, D, L), weight (D, k), bias (D,). reverse: the anti-causal mirror image, which looks k - 1
     steps ahead instead of back, out_t = silu(bias + sum_j weight_j x_{t+(k-1)-j}). Returns (B, D, L)
-    in x's dtype, stored channel-major (D, B, L): x_proj then reads it as one (D, B L) matrix. On the
+    in x's dtype; for the mixer's channel-major x, stored channel-major (D, B, L), so that x_proj reads
+    it as one (D, B L) matrix (the Triton kernels lay it out like x, PyTorch's conv always so). On the
     Triton backend one kernel forward and one backward (no padded copy, no separate SiLU); otherwise
     PyTorch's convolution, which the tests hold the kernels to."""
     if _resolve(backend, x.device) == "triton":
@@ -790,9 +791,9 @@ if triton is not None:
         row = tl.program_id(0)                                                  # d * batch + b
         d, b = row // batch, row % batch
         t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-        pre = _conv_pre(x_ptr + b * stride_batch + d * stride_dim, w_ptr + d * K, tl.load(bias_ptr + d), t, length,
-                        K, REVERSE)
-        tl.store(out_ptr + row * length + t, pre * tl.sigmoid(pre), mask=t < length)  # out: (D, B, L)
+        start = b * stride_batch + d * stride_dim                               # where the row starts in x, out
+        pre = _conv_pre(x_ptr + start, w_ptr + d * K, tl.load(bias_ptr + d), t, length, K, REVERSE)
+        tl.store(out_ptr + start + t, pre * tl.sigmoid(pre), mask=t < length)
 
     @triton.jit
     def _conv_backward_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, partial_ptr, batch, length, stride_batch,
@@ -800,7 +801,7 @@ if triton is not None:
         row, tile = tl.program_id(0), tl.program_id(1)
         d, b = row // batch, row % batch
         t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
-        start = b * stride_batch + d * stride_dim                               # where the row starts in x, dx
+        start = b * stride_batch + d * stride_dim                               # in x, dout and dx
         x_row, w_row, bias = x_ptr + start, w_ptr + d * K, tl.load(bias_ptr + d)
         dx = tl.zeros((BLOCK_L,), tl.float32)
         g = tl.zeros((BLOCK_L,), tl.float32)
@@ -808,7 +809,7 @@ if triton is not None:
             s = t - _conv_shift(j, K, REVERSE)
             pre = _conv_pre(x_row, w_row, bias, s, length, K, REVERSE)
             sig = tl.sigmoid(pre)
-            dout = tl.load(dout_ptr + row * length + s, mask=(s >= 0) & (s < length), other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + start + s, mask=(s >= 0) & (s < length), other=0.0).to(tl.float32)
             g_s = dout * sig * (1.0 + pre * (1.0 - sig))                       # dLoss/dpre at s
             dx += tl.load(w_row + j) * g_s
             if j == K - 1:                                                     # shift 0, s = t: for dweight
@@ -828,29 +829,29 @@ CONV_BLOCK_L, CONV_WARPS = 256, 2
 
 
 def _conv_inputs(x, weight, bias):
-    """x in a layout whose steps are contiguous, fp32 weight and bias, and the steps a program takes."""
-    x = _in_layout(x, _kernel_layout(x))
+    """x in a layout the kernels take, an empty tensor in that layout (the forward's out, the backward's
+    dx: x, out, dout and dx share one layout), fp32 weight and bias, and the steps a program takes."""
+    like = _kernel_layout(x)
     block = min(CONV_BLOCK_L, max(16, 1 << (x.shape[-1] - 1).bit_length()))
-    return x, weight.float().contiguous(), bias.float().contiguous(), block
+    return _in_layout(x, like), like, weight.float().contiguous(), bias.float().contiguous(), block
 
 
 def _conv_forward(x, weight, bias, reverse, launch):
-    x, weight, bias, block = _conv_inputs(x, weight, bias)
+    """out (B, D, L), laid out like x (channel-major (D, B, L) in the mixer)."""
+    x, out, weight, bias, block = _conv_inputs(x, weight, bias)
     batch, dim, length = x.shape
-    out = x.new_empty(dim, batch, length)                                   # (D, B, L)
     if launch:
         _conv_forward_kernel[(dim * batch, -(-length // block))](
             x, weight, bias, out, batch, length, *x.stride()[:2], weight.shape[1], reverse, block,
             num_warps=CONV_WARPS)
-    return out.transpose(0, 1)                                              # (B, D, L), stored (D, B, L)
+    return out
 
 
 def _conv_backward(dout, x, weight, bias, reverse, launch):
     """dx (like x), dweight (D, k) and dbias (D,) in fp32."""
-    x, weight, bias, block = _conv_inputs(x, weight, bias)
+    x, dx, weight, bias, block = _conv_inputs(x, weight, bias)
     batch, dim, length = x.shape
-    dout = _in_layout(dout, x.new_empty(dim, batch, length).transpose(0, 1))  # laid out like out
-    dx = torch.empty_like(x)
+    dout = _in_layout(dout, x)
     tiles = -(-length // block)
     partial = x.new_empty(dim, batch, tiles, weight.shape[1] + 1, dtype=torch.float32)
     if launch:
