@@ -242,8 +242,9 @@ def sample_many(model, info, out, num_samples, settings, batch_size, rank=0, wor
     """num_samples samples into `out` (.npz): arr_0 uint8 (N, H, W, 3) or (N, T, H, W, 3), arr_1 the labels,
     uniform over the classes (sample i shows class i mod classes). The work is cut into batches of
     batch_size indices, rank r draws batches r, r + world, ...; each batch lands in a memory-mapped
-    array of OUT.partial/ and is marked done only after it is written, so a stopped run started again
-    carries on, and the file does not depend on the number of ranks. `settings`: sampler, num_steps,
+    array of OUT.partial/ and its samples are marked done only after it is written, so a stopped run
+    started again carries on (with another batch_size too: one that ran out of memory), and the file
+    depends neither on the number of ranks nor on batch_size. `settings`: sampler, num_steps,
     cfg_scale, seed, precision and what else identifies the run (the checkpoint, its step)."""
     cfg = model.cfg
     labels = torch.arange(num_samples) % info["num_classes"]
@@ -251,7 +252,7 @@ def sample_many(model, info, out, num_samples, settings, batch_size, rank=0, wor
     shape = (num_samples, *frames, info["image_size"], info["image_size"], 3)
     batches = [range(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
     work = out + ".partial"
-    meta = dict(settings, num_samples=num_samples, batch_size=batch_size, shape=list(shape))
+    meta = dict(settings, num_samples=num_samples, shape=list(shape))
     if rank == 0:
         os.makedirs(work, exist_ok=True)  # the folder of `out` was checked writable (check_output)
         meta_file = os.path.join(work, "meta.json")
@@ -264,20 +265,22 @@ def sample_many(model, info, out, num_samples, settings, batch_size, rank=0, wor
                                 "run it as it was, or delete the folder")
         else:
             np.lib.format.open_memmap(os.path.join(work, "samples.npy"), "w+", np.uint8, shape).flush()
-            np.save(os.path.join(work, "done.npy"), np.zeros(len(batches), dtype=np.uint8))
+            np.save(os.path.join(work, "done.npy"), np.zeros(num_samples, dtype=np.uint8))  # per sample
             write_json(meta_file, meta)
     if world > 1:
         dist.barrier()  # rank 0 has laid out the files
     arrays = np.load(os.path.join(work, "samples.npy"), mmap_mode="r+")
     done = np.load(os.path.join(work, "done.npy"), mmap_mode="r+")
-    mine = [b for b in range(rank, len(batches), world) if not done[b]]
+    if done.shape != (num_samples,):
+        raise UserError(f"{work} was written by an older sample.py: delete it to sample again")
+    mine = [b for b in range(rank, len(batches), world) if not done[batches[b].start:batches[b].stop].all()]
     for b in tqdm(mine, desc=f"sampling (rank {rank})", disable=not progress):
         indices = batches[b]
         arrays[indices.start:indices.stop] = sample_pixels(
             model, info, labels, indices, settings["sampler"], settings["num_steps"], settings["cfg_scale"],
             settings["seed"], settings["precision"], cuda_graph, settings.get("vae"))
         arrays.flush()
-        done[b] = 1
+        done[indices.start:indices.stop] = 1
         done.flush()
     if world > 1:
         dist.barrier()  # every rank has written its batches
@@ -321,7 +324,14 @@ def parse_args(argv=None):
 
 def main(args):
     with process_group() as (rank, world, local_rank):
-        return sample(args, rank, world, local_rank)
+        try:
+            return sample(args, rank, world, local_rank)
+        except torch.OutOfMemoryError:  # more samples at once than the card holds: one line that says what fits
+            raise UserError(
+                f"a batch of {args.batch_size} samples does not fit in GPU memory: a smaller --batch-size does "
+                "(the same command with it carries on and keeps the samples drawn)" if args.num_fid_samples else
+                f"the {len(args.class_labels or range(args.num_samples))} samples of a grid, drawn at once, do not "
+                "fit in GPU memory: ask for fewer (--num-samples or --class-labels)") from None
 
 
 def default_out(args, ckpt, extension):

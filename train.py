@@ -342,6 +342,25 @@ def stop_if_not_finite(losses, step, good_checkpoint):
         raise UserError(message + " Try a lower --lr, --grad-clip, or --precision fp32.")
 
 
+def out_of_memory(args, local_batch, device, good_checkpoint):
+    """The error for a step larger than the GPU's memory, with the flags that need less of it: the same
+    update in more, smaller micro-batches, each block recomputed in the backward, or a smaller input."""
+    card = (f"{torch.cuda.get_device_name(device)}'s {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f}"
+            f" GiB" if device.type == "cuda" else "memory")
+    splits = [k for k in range(2, local_batch + 1) if local_batch % k == 0]  # what divides a micro-batch
+    more = ", ..." if len(splits) > 3 else ""
+    fixes = (["no --cuda-graphs"] if args.cuda_graphs else []) \
+        + ([f"--accum-steps {', '.join(str(args.accum_steps * k) for k in splits[:3])}{more} (micro-batches of "
+            f"{', '.join(str(local_batch // k) for k in splits[:3])}{more})"] if splits else []) \
+        + ([] if args.grad_ckpt else ["--grad-ckpt"]) + ["a smaller --global-batch-size, --image-size or --num-frames"]
+    message = (f"a training step of {local_batch} samples a rank ({args.model}, {args.image_size} px"
+               f"{f', {args.num_frames} frames' if args.num_frames > 1 else ''}) does not fit in {card}. "
+               f"Each of these needs less: {'; '.join(fixes)}.")
+    if good_checkpoint:
+        message += f" The last checkpoint is intact: {good_checkpoint}"
+    return UserError(message)
+
+
 def main(args):
     with process_group() as (rank, world, local_rank):  # torchrun sets RANK; otherwise one process
         return train(args, rank, world, local_rank)
@@ -533,10 +552,15 @@ def train(args, rank, world, local_rank):
             log(f"weights identical on all {world} ranks: {difference.item() == 0}")
         return dict(run_dir=run_dir, step=step, model=model, ema=ema, checkpoint=last_checkpoint)
     except BaseException as error:
+        too_big = isinstance(error, torch.OutOfMemoryError)
+        if too_big:  # a step larger than the card: one line that says what fits
+            error = out_of_memory(args, local_batch, device, last_checkpoint or resume_path)
         if rank == 0 and new_run and step == first_step:
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before its first step: leave no empty run behind
         elif rank == 0:  # log.txt ends with why the run stopped
             log(f"stopped: {error if isinstance(error, UserError) else type(error).__name__ + ': ' + str(error)}")
+        if too_big:
+            raise error from None
         raise
     finally:
         if interrupted is not None:

@@ -95,21 +95,26 @@ def test_a_stopped_mass_sampling_run_carries_on_to_the_same_file(checkpoints, tm
     def dies_on_the_third_batch(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(sample, "generate", dies_on_the_third_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(UserError, match=r"^a batch of 4 samples does not fit in GPU memory: a smaller --batch-size "):
         mass_sample(checkpoints["image"], tmp_path / "stopped.npz")
     assert not os.path.exists(tmp_path / "stopped.npz")
     with pytest.raises(UserError, match="other settings.*seed"):  # another run may not mix into it
         mass_sample(checkpoints["image"], tmp_path / "stopped.npz", "--seed", "5")
     calls.clear()
     monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
-    mass_sample(checkpoints["image"], tmp_path / "stopped.npz")
-    assert len(calls) == 1  # 3 batches of 4, two were done: only the third is drawn again
+    mass_sample(checkpoints["image"], tmp_path / "stopped.npz", "--batch-size", "3")  # as after running out of memory
+    assert len(calls) == 2  # samples 0-7 were done: the batches 6-8 and 9-10 are drawn
     with np.load(tmp_path / "whole.npz") as a, np.load(tmp_path / "stopped.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    out_of_memory = torch.OutOfMemoryError("CUDA out of memory.")  # a grid draws its samples at once: fewer fit
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: (_ for _ in ()).throw(out_of_memory))
+    with pytest.raises(UserError, match=r"^the 3 samples of a grid, drawn at once, do not fit in GPU memory: ask "):
+        sample.main(sample.parse_args(["--ckpt", checkpoints["image"], "--num-samples", "3", "--out",
+                                       str(tmp_path / "grid.png")]))
 
 
 def test_two_ranks_write_the_file_that_one_process_writes(checkpoints, tmp_path):

@@ -85,6 +85,40 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, monke
     assert os.listdir(tmp_path / "results") == []
 
 
+def test_out_of_memory_is_one_line_that_says_what_fits_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real_update = train.update_ema
+
+    def out_of_memory_at(failing_step):
+        steps = []
+
+        def update(*args):
+            steps.append(1)
+            if len(steps) == failing_step:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1024.00 MiB.")
+            real_update(*args)
+        return update
+
+    monkeypatch.setattr(train, "update_ema", out_of_memory_at(3))
+    with pytest.raises(UserError) as error:
+        run(tmp_path, "--max-steps", "5", "--ckpt-every", "2", "--sample-every", "0")
+    run_dir = str(tmp_path / "results" / os.listdir(tmp_path / "results")[0])
+    checkpoint = os.path.join(run_dir, "checkpoints", "0000002.pt")
+    assert str(error.value) == (
+        "a training step of 8 samples a rank (DiM-Ti/8, 16 px) does not fit in memory. Each of these needs less: "
+        "--accum-steps 2, 4, 8 (micro-batches of 4, 2, 1); --grad-ckpt; a smaller --global-batch-size, --image-size "
+        f"or --num-frames. The last checkpoint is intact: {checkpoint}")
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # no CUDA traceback under it
+    assert log_lines(run_dir)[-1] == f"stopped: {error.value}"
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2
+
+    monkeypatch.setattr(train, "update_ema", out_of_memory_at(1))  # with accumulation and recomputation on already
+    with pytest.raises(UserError, match=r"step of 12 samples .* less: --accum-steps 4, 6, 8, ... \(micro-batches of "
+                                        r"6, 4, 3, ...\); a smaller --global-batch-size, --image-size or --num-frames\.$"):
+        run(tmp_path, "--max-steps", "5", "--global-batch-size", "24", "--accum-steps", "2", "--grad-ckpt",
+            results="first")
+    assert os.listdir(tmp_path / "first") == []
+
+
 def test_a_full_disk_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
 
