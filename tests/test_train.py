@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -133,6 +134,30 @@ def test_torchrun_two_ranks_on_gloo(tmp_path, flags, port):
         log = f.read()
     assert "2 rank(s)" in log and "weights identical on all 2 ranks: True" in log
     assert log.count("loss ") == 3
+
+
+def test_the_process_group_outlives_every_model_the_run_left_behind(monkeypatch):
+    """A rare SIGABRT at exit under torchrun ("terminate called without an active exception", either rank):
+    tensors of the run freed while the interpreter shut down, after the group was gone, on a thread that
+    could no longer take the GIL. On rank 0 the DDP model outlived train(), held by a reference cycle
+    (matplotlib's tight_layout keeps a frame, and through it the frames that called it). The teardown
+    frees such garbage, and waits for every rank, while the group still lives."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29521")
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    real_destroy, freed_before_teardown = data.dist.destroy_process_group, []
+    monkeypatch.setattr(data.dist, "destroy_process_group",
+                        lambda: freed_before_teardown.append(model() is None) or real_destroy())
+    with data.process_group() as (rank, world, local_rank):
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        ddp(torch.ones(1, 2)).sum().backward()
+        cycle = [ddp]
+        cycle.append(cycle)
+        model = weakref.ref(ddp)
+        del ddp, cycle  # garbage, but only the cyclic collector frees it
+        assert model() is not None
+    assert (rank, world, local_rank) == (0, 1, 0) and freed_before_teardown == [True]
 
 
 def test_torchrun_error_is_printed_once_and_named_in_torchruns_report(tmp_path):
