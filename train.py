@@ -456,7 +456,7 @@ def train(args, rank, world, local_rank):
         + f", lr {args.lr:g}" + (f" (the default for DiM-{model_size(args.model)})" if default_lr else "")
         + (f", from {resume_path}" if resume is not None and new_run else "")
         + (f"; changed from the run: {', '.join(changed)}" if changed else ""))
-    interrupted, first_step = None, step
+    interrupted, first_step, last_checkpoint = None, step, None
     try:
         # --- the loop ------------------------------------------------------------------------------
         micro_per_epoch = len(dataset) // (local_batch * world)  # micro-batches of every rank in an epoch
@@ -470,7 +470,6 @@ def train(args, rank, world, local_rank):
             ddp = graphed(model, local_batch, autocast)
         bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0 or args.no_progress, desc="training")
         losses, norms, last_time, last_step = [], [], time.time(), step
-        last_checkpoint = None
         interrupted = GracefulStop() if world == 1 else None  # under torchrun, Ctrl-C stops every rank at once
         while step < args.max_steps:
             opt.zero_grad(set_to_none=True)
