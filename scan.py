@@ -514,11 +514,11 @@ if triton is not None:
         # loaded at once, coalesced, a tile ahead, and each step picks its column out of the registers,
         # so memory latency hides behind a tile of work. For a backward, the state entering each tile
         # (the checkpoints) and y before the gate are stored too.
-        batch = tl.program_id(0)
+        batch = tl.program_id(0).to(tl.int64)  # offsets in 64 bits: B * D * L may pass 2**31
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)                  # (BLOCK_D,)
         n = tl.arange(0, N)
         steps = tl.arange(0, T)
-        rows = batch * stride_batch + d * stride_dim                            # where each row starts
+        rows = batch * stride_batch + d.to(tl.int64) * stride_dim               # where each row starts
         state_rows = batch * state_stride_batch + n * state_stride_n           # (N,), in B and C
         A_log2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0) * LOG2E
         bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
@@ -569,11 +569,11 @@ if triton is not None:
         #     g_t = C_t dy_t + m,   m <- a_t g_t   (m: what flows back into the step before)
         # with every gradient read off g and the states: dB and dC as sums over the channels a step,
         # du and ddelta from two sums over the states a step, put together once a tile.
-        batch, block = tl.program_id(0), tl.program_id(1)
+        batch, block = tl.program_id(0).to(tl.int64), tl.program_id(1)        # 64-bit offsets, as forward
         d = block * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N)
         steps = tl.arange(0, T)
-        rows = batch * stride_batch + d * stride_dim
+        rows = batch * stride_batch + d.to(tl.int64) * stride_dim
         state_rows = batch * state_stride_batch + n * state_stride_n
         A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0)
         A_log2 = A * LOG2E
@@ -788,17 +788,17 @@ if triton is not None:
     @triton.jit
     def _conv_forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, batch, length, stride_batch, stride_dim,
                              K: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr):
-        row = tl.program_id(0)                                                  # d * batch + b
+        row = tl.program_id(0).to(tl.int64)                                     # d * batch + b
         d, b = row // batch, row % batch
         t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-        start = b * stride_batch + d * stride_dim                               # where the row starts in x, out
+        start = b * stride_batch + d * stride_dim              # where the row starts in x, out (64 bits)
         pre = _conv_pre(x_ptr + start, w_ptr + d * K, tl.load(bias_ptr + d), t, length, K, REVERSE)
         tl.store(out_ptr + start + t, pre * tl.sigmoid(pre), mask=t < length)
 
     @triton.jit
     def _conv_backward_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, partial_ptr, batch, length, stride_batch,
                               stride_dim, K: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr):
-        row, tile = tl.program_id(0), tl.program_id(1)
+        row, tile = tl.program_id(0).to(tl.int64), tl.program_id(1)
         d, b = row // batch, row % batch
         t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
         start = b * stride_batch + d * stride_dim                               # in x, dout and dx

@@ -271,6 +271,32 @@ def test_triton_takes_channel_major_layouts_as_they_are(monkeypatch):
             assert b.stride() == x.stride(), f"gradient of {name} laid out as {b.stride()}, not {x.stride()}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2**31 elements need a GPU's memory (run on the device)")
+def test_triton_kernels_address_tensors_of_more_than_2_31_elements():
+    # A sampling batch of 2,000 at DiM-S/2 on 64 px (4,000 with guidance) holds 3.1e9 elements a tensor,
+    # where 32-bit offsets wrap. The last item, the farthest from the start, must be what it is alone.
+    batch, dim, length, state = 1025, 2048, 1024, 16                            # 2.15e9 elements
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def channel_major(scale=1.0):  # (B, D, L) stored (D, B, L), as the mixer keeps it
+        return (torch.randn(dim, batch, length, device="cuda", generator=g) * scale).bfloat16().transpose(0, 1)
+    u, delta, z = channel_major(), channel_major(0.5), channel_major()
+    A = -torch.rand(dim, state, device="cuda", generator=g) - 0.1
+    B, C = (torch.randn(batch, state, length, device="cuda", generator=g).bfloat16() for _ in range(2))
+    D, bias = torch.randn(dim, device="cuda", generator=g), torch.randn(dim, device="cuda", generator=g)
+    results = []
+    for x, b, c in (((u, delta, z), B, C), ((u[-1:].contiguous(), delta[-1:].contiguous(), z[-1:].contiguous()),
+                                             B[-1:], C[-1:])):
+        x = [v.requires_grad_() for v in x]
+        y = selective_scan(x[0], x[1], A, b, c, D, x[2], bias, delta_softplus=True, backend="triton")
+        results.append([y[-1]] + [grad[-1] for grad in torch.autograd.grad(y, x, torch.ones_like(y))])
+        out = scan.conv_silu(x[0], A[:, :4], D, backend="triton")               # (D, k = 4) weights
+        results[-1] += [out[-1], torch.autograd.grad(out, x[0], torch.ones_like(out))[0][-1]]
+        del x, y, out
+    for name, a, b in zip(("y", "du", "ddelta", "dz", "conv", "conv dx"), *results):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2, msg=name)
+
+
 @pytest.mark.skipif(scan.triton is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
 def test_triton_memory_is_bounded_by_a_tile(monkeypatch):
     monkeypatch.setattr(scan, "TRITON_TILE_BYTES", 32)  # 8 fp32 steps
