@@ -94,8 +94,8 @@ def process_group():
 
 
 def run_script(main, parse_args=None):
-    """The command-line entry of each script: main(parse_args()), and a UserError as one line on stderr
-    and exit status 1. Under torchrun rank 0 alone prints it (every rank meets the same error, mostly),
+    """The command-line entry of each script: main(parse_args()), a UserError as one line on stderr
+    and exit status 1, and Ctrl-C as "interrupted" and status 130 (the shell's for SIGINT). Under torchrun rank 0 alone prints it (every rank meets the same error, mostly),
     and torchrun then prints its own report of the failed ranks, which no rank can silence: each rank
     writes its line to the error file torchrun reads, so that the report names the cause (also of an
     error only one rank met) instead of "To enable traceback see ...". """
@@ -112,6 +112,9 @@ def run_script(main, parse_args=None):
             if rank != "0":  # torchrun stops every rank once one fails: give rank 0 the time to say it
                 time.sleep(2)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C where no step is running (train.py saves what a step made): one line
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 #################################################################################

@@ -78,6 +78,14 @@ def test_ctrl_c_saves_the_last_whole_step_and_resume_carries_on_exactly(tmp_path
         assert torch.equal(a, b)
 
 
+def test_ctrl_c_outside_a_step_is_one_line(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as stop:
+        data.run_script(interrupted)
+    assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
 def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "update_ema", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
