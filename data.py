@@ -94,11 +94,12 @@ def process_group():
 
 
 def run_script(main, parse_args=None):
-    """The command-line entry of each script: main(parse_args()), a UserError as one line on stderr
-    and exit status 1, and Ctrl-C as "interrupted" and status 130 (the shell's for SIGINT). Under torchrun rank 0 alone prints it (every rank meets the same error, mostly),
-    and torchrun then prints its own report of the failed ranks, which no rank can silence: each rank
-    writes its line to the error file torchrun reads, so that the report names the cause (also of an
-    error only one rank met) instead of "To enable traceback see ...". """
+    """The command-line entry of each script: main(parse_args()), a UserError as one line on stderr and
+    exit status 1 (Ctrl-C as "interrupted" and status 130, the shell's for SIGINT). Under torchrun rank
+    0 alone prints the line (every rank meets the same error, mostly), and torchrun then prints its own
+    report of the failed ranks, which no rank can silence: each rank writes its line to the error file
+    torchrun reads, so that the report names the cause (also of an error only one rank met) instead of
+    "To enable traceback see ...". """
     try:
         main(parse_args()) if parse_args else main()
     except UserError as error:

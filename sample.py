@@ -243,8 +243,8 @@ def sample_many(model, info, out, num_samples, settings, batch_size, rank=0, wor
     uniform over the classes (sample i shows class i mod classes). The work is cut into batches of
     batch_size indices, rank r draws batches r, r + world, ...; each batch lands in a memory-mapped
     array of OUT.partial/ and its samples are marked done only after it is written, so a stopped run
-    started again carries on (with another batch_size too: one that ran out of memory), and the file
-    depends neither on the number of ranks nor on batch_size. `settings`: sampler, num_steps,
+    started again carries on (also with another batch_size, as after running out of memory), and the
+    file does not depend on the number of ranks. `settings`: sampler, num_steps,
     cfg_scale, seed, precision and what else identifies the run (the checkpoint, its step)."""
     cfg = model.cfg
     labels = torch.arange(num_samples) % info["num_classes"]

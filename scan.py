@@ -788,10 +788,10 @@ if triton is not None:
     @triton.jit
     def _conv_forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, batch, length, stride_batch, stride_dim,
                              K: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)                                     # d * batch + b
+        row = tl.program_id(0).to(tl.int64)                    # d * batch + b; 64 bits, as the scan's offsets
         d, b = row // batch, row % batch
         t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-        start = b * stride_batch + d * stride_dim              # where the row starts in x, out (64 bits)
+        start = b * stride_batch + d * stride_dim                               # where the row starts in x, out
         pre = _conv_pre(x_ptr + start, w_ptr + d * K, tl.load(bias_ptr + d), t, length, K, REVERSE)
         tl.store(out_ptr + start + t, pre * tl.sigmoid(pre), mask=t < length)
 

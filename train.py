@@ -345,8 +345,8 @@ def stop_if_not_finite(losses, step, good_checkpoint):
 def out_of_memory(args, local_batch, device, good_checkpoint):
     """The error for a step larger than the GPU's memory, with the flags that need less of it: the same
     update in more, smaller micro-batches, each block recomputed in the backward, or a smaller input."""
-    card = (f"{torch.cuda.get_device_name(device)}'s {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f}"
-            f" GiB" if device.type == "cuda" else "memory")
+    card = "memory" if device.type != "cuda" else \
+        f"{torch.cuda.get_device_name(device)}'s {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB"
     splits = [k for k in range(2, local_batch + 1) if local_batch % k == 0]  # what divides a micro-batch
     more = ", ..." if len(splits) > 3 else ""
     fixes = (["no --cuda-graphs"] if args.cuda_graphs else []) \
@@ -552,7 +552,7 @@ def train(args, rank, world, local_rank):
         return dict(run_dir=run_dir, step=step, model=model, ema=ema, checkpoint=last_checkpoint)
     except BaseException as error:
         too_big = isinstance(error, torch.OutOfMemoryError)
-        if too_big:  # a step larger than the card: one line that says what fits
+        if too_big:  # a step larger than the card: one line that says what needs less
             error = out_of_memory(args, local_batch, device, last_checkpoint or resume_path)
         if rank == 0 and new_run and step == first_step:
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before its first step: leave no empty run behind
