@@ -503,22 +503,27 @@ if triton is not None:
             + _column(delta_u, here)[:, None] * _column(B, here)[None, :]
 
     @triton.jit
+    def _index(x, WIDE: tl.constexpr):
+        """x for offsets: int64 when a tensor holds 2**31 elements or more (int32 would wrap), else as is."""
+        return x.to(tl.int64) if WIDE else x
+
+    @triton.jit
     def _scan_forward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                              y_ptr, ungated_ptr, states_ptr, dim, length, num_tiles,
                              stride_batch, stride_dim, state_stride_batch, state_stride_n,
                              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                              SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, KEEP_STATES: tl.constexpr,
-                             N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
+                             N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, WIDE: tl.constexpr):
         # The recurrence as written, one step after another, with the state (BLOCK_D, N) in registers:
         # a step costs one exp2 and two multiply-adds per (channel, state). The inputs of T steps are
         # loaded at once, coalesced, a tile ahead, and each step picks its column out of the registers,
         # so memory latency hides behind a tile of work. For a backward, the state entering each tile
         # (the checkpoints) and y before the gate are stored too.
-        batch = tl.program_id(0).to(tl.int64)  # offsets in 64 bits: B * D * L may pass 2**31
+        batch = _index(tl.program_id(0), WIDE)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)                  # (BLOCK_D,)
         n = tl.arange(0, N)
         steps = tl.arange(0, T)
-        rows = batch * stride_batch + d.to(tl.int64) * stride_dim               # where each row starts
+        rows = batch * stride_batch + _index(d, WIDE) * stride_dim              # where each row starts
         state_rows = batch * state_stride_batch + n * state_stride_n           # (N,), in B and C
         A_log2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0) * LOG2E
         bias = tl.load(bias_ptr + d, mask=d < dim, other=0.0) if HAS_BIAS else 0.0
@@ -562,18 +567,18 @@ if triton is not None:
                               stride_batch, stride_dim, state_stride_batch, state_stride_n,
                               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                               SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
-                              N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr):
+                              N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, WIDE: tl.constexpr):
         # The tiles against the scan's order. Each tile runs twice, one step at a time like the forward:
         # first forward from its checkpoint, keeping every state it passes through (a tuple of T + 1
         # register tiles (BLOCK_D, N): the unrolled loop names each one), then backward through the adjoint
         #     g_t = C_t dy_t + m,   m <- a_t g_t   (m: what flows back into the step before)
         # with every gradient read off g and the states: dB and dC as sums over the channels a step,
         # du and ddelta from two sums over the states a step, put together once a tile.
-        batch, block = tl.program_id(0).to(tl.int64), tl.program_id(1)        # 64-bit offsets, as forward
+        batch, block = _index(tl.program_id(0), WIDE), tl.program_id(1)
         d = block * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, N)
         steps = tl.arange(0, T)
-        rows = batch * stride_batch + d.to(tl.int64) * stride_dim
+        rows = batch * stride_batch + _index(d, WIDE) * stride_dim
         state_rows = batch * state_stride_batch + n * state_stride_n
         A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=d[:, None] < dim, other=0.0)
         A_log2 = A * LOG2E
@@ -656,6 +661,13 @@ if triton is not None:
 TRITON_BLOCK_D, TRITON_WARPS = 4, 1                  # backward: channels per program, warps
 TRITON_FORWARD_BLOCK_D, TRITON_FORWARD_WARPS = 16, 1    # forward: channels per program, warps
 TRITON_TILE_BYTES = 32  # a tile of both kernels is 32 bytes of a row: 16 steps of bf16 inputs, 8 of fp32
+WIDE_ELEMENTS = 2**31   # from this many elements in a tensor on, the kernels compute offsets in 64 bits
+
+
+def _wide(*tensors):
+    """Whether a kernel must address in 64 bits: int32 offsets wrap at 2**31 elements (a sampling batch
+    of 2,000 at DiM-S/2 on 64 px passes it). Below, the kernels run as they were timed, in 32 bits."""
+    return max(t.numel() for t in tensors) >= WIDE_ELEMENTS
 
 
 def triton_available(device):
@@ -693,7 +705,7 @@ def _triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
                                    states, dim, length, num_tiles, *y.stride()[:2], *B.stride()[:2],
                                    D is not None, z is not None,
                                    delta_bias is not None, delta_softplus, reverse, wants_grad, state,
-                                   TRITON_FORWARD_BLOCK_D, tile, num_warps=TRITON_FORWARD_WARPS)
+                                   TRITON_FORWARD_BLOCK_D, tile, _wide(u, states), num_warps=TRITON_FORWARD_WARPS)
     return y, states, ungated
 
 
@@ -714,7 +726,7 @@ def _triton_backward(dout, u, delta, A, B, C, D, z, delta_bias, ungated, states,
             u, delta, A, B, C, _or(D, A), _or(z, u), _or(delta_bias, A), ungated, states, dout,
             du, ddelta, dz, dA, dD, dB, dC, dim, length, num_tiles, *u.stride()[:2], *B.stride()[:2],
             D is not None, z is not None, delta_bias is not None, delta_softplus, reverse,
-            state, TRITON_BLOCK_D, tile, num_warps=TRITON_WARPS)
+            state, TRITON_BLOCK_D, tile, _wide(u, states), num_warps=TRITON_WARPS)
     dD = dD.sum(0) if D is not None else u.new_empty(0)
     dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else u.new_empty(0)
     return [du, ddelta.to(delta_dtype), dA.sum(0), dB.to(B_dtype), dC.to(C_dtype), dD, dz, dbias]
@@ -787,8 +799,8 @@ if triton is not None:
 
     @triton.jit
     def _conv_forward_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, batch, length, stride_batch, stride_dim,
-                             K: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)                    # d * batch + b; 64 bits, as the scan's offsets
+                             K: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr):
+        row = _index(tl.program_id(0), WIDE)                                    # d * batch + b
         d, b = row // batch, row % batch
         t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
         start = b * stride_batch + d * stride_dim                               # where the row starts in x, out
@@ -797,8 +809,9 @@ if triton is not None:
 
     @triton.jit
     def _conv_backward_kernel(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, partial_ptr, batch, length, stride_batch,
-                              stride_dim, K: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr):
-        row, tile = tl.program_id(0).to(tl.int64), tl.program_id(1)
+                              stride_dim, K: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr,
+                              WIDE: tl.constexpr):
+        row, tile = _index(tl.program_id(0), WIDE), tl.program_id(1)
         d, b = row // batch, row % batch
         t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
         start = b * stride_batch + d * stride_dim                               # in x, dout and dx
@@ -842,7 +855,7 @@ def _conv_forward(x, weight, bias, reverse, launch):
     batch, dim, length = x.shape
     if launch:
         _conv_forward_kernel[(dim * batch, -(-length // block))](
-            x, weight, bias, out, batch, length, *x.stride()[:2], weight.shape[1], reverse, block,
+            x, weight, bias, out, batch, length, *x.stride()[:2], weight.shape[1], reverse, block, _wide(x),
             num_warps=CONV_WARPS)
     return out
 
@@ -857,7 +870,7 @@ def _conv_backward(dout, x, weight, bias, reverse, launch):
     if launch:
         _conv_backward_kernel[(dim * batch, tiles)](
             x, weight, bias, dout, dx, partial, batch, length, *x.stride()[:2], weight.shape[1], reverse, block,
-            num_warps=CONV_WARPS)
+            _wide(x), num_warps=CONV_WARPS)
     return dx, partial[..., :-1].sum((1, 2)), partial[..., -1].sum((1, 2))   # (D, k), (D,)
 
 

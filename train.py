@@ -348,10 +348,10 @@ def out_of_memory(args, local_batch, device, good_checkpoint):
     card = "memory" if device.type != "cuda" else \
         f"{torch.cuda.get_device_name(device)}'s {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB"
     splits = [k for k in range(2, local_batch + 1) if local_batch % k == 0]  # what divides a micro-batch
-    more = ", ..." if len(splits) > 3 else ""
+    shown, more = splits[:3], ", ..." if len(splits) > 3 else ""
     fixes = (["no --cuda-graphs"] if args.cuda_graphs else []) \
-        + ([f"--accum-steps {', '.join(str(args.accum_steps * k) for k in splits[:3])}{more} (micro-batches of "
-            f"{', '.join(str(local_batch // k) for k in splits[:3])}{more})"] if splits else []) \
+        + ([f"--accum-steps {', '.join(str(args.accum_steps * k) for k in shown)}{more} (micro-batches of "
+            f"{', '.join(str(local_batch // k) for k in shown)}{more})"] if splits else []) \
         + ([] if args.grad_ckpt else ["--grad-ckpt"]) + ["a smaller --global-batch-size, --image-size or --num-frames"]
     message = (f"a training step of {local_batch} samples a rank ({args.model}, {args.image_size} px"
                f"{f', {args.num_frames} frames' if args.num_frames > 1 else ''}) does not fit in {card}. "

@@ -271,6 +271,23 @@ def test_triton_takes_channel_major_layouts_as_they_are(monkeypatch):
             assert b.stride() == x.stride(), f"gradient of {name} laid out as {b.stride()}, not {x.stride()}"
 
 
+@pytest.mark.skipif(scan.triton is None, reason="Triton is not installed (it comes with CUDA builds of torch)")
+def test_triton_64_bit_offsets_give_the_32_bit_results(monkeypatch):
+    # The kernels switch to 64-bit offsets from 2**31 elements on (the next test, on a GPU); here the
+    # switch is forced at a small size, through the interpreter on a CPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = {k: v.float().to(device) for k, v in make_inputs(2, 5, 19, 4, seed=3).items()}
+    results = []
+    for wide_from in (scan.WIDE_ELEMENTS, 0):
+        monkeypatch.setattr(scan, "WIDE_ELEMENTS", wide_from)
+        x = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y = selective_scan(**x, delta_softplus=True, backend="triton")
+        out = scan.conv_silu(x["u"], x["A"], x["D"], backend="triton")         # A as (D, k = 4) weights
+        results.append([y, out, *torch.autograd.grad((y.sum(), out.sum()), list(x.values()))])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2**31 elements need a GPU's memory (run on the device)")
 def test_triton_kernels_address_tensors_of_more_than_2_31_elements():
     # A sampling batch of 2,000 at DiM-S/2 on 64 px (4,000 with guidance) holds 3.1e9 elements a tensor,
